@@ -1,0 +1,1 @@
+"""Network builders; they know nothing of data."""

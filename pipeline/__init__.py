@@ -1,0 +1,1 @@
+"""Build once: preprocessing, the on-disk cache format and its reader (no torch here)."""

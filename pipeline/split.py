@@ -1,0 +1,78 @@
+"""Assigning images to train/valid/test where the source gives no split.
+
+Grouped by patient (no patient's cells in two splits: the report's split leaked patients between train and test)
+and stratified by class. With fewer than three patients in some class a grouped split cannot give every split both
+classes, so we fall back to a stratified split of images and record that in the manifest.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from pipeline.sources import UNKNOWN_PATIENT, Item
+
+SPLITS = ("train", "valid", "test")
+log = logging.getLogger(__name__)
+
+
+def _largest_deficit(counts: np.ndarray, targets: np.ndarray) -> int:
+    return int(np.argmax(targets - counts))
+
+
+def _grouped(items: list[Item], fractions, rng: np.random.Generator) -> list[str]:
+    """Patients of each class, largest first (ties in random order), each to the split furthest below target."""
+    by_patient: dict[str, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        by_patient[item.patient].append(i)
+    # A patient's class is its majority label (C-NMC patients are single-class).
+    patient_class = {p: Counter(items[i].label for i in idx).most_common(1)[0][0] for p, idx in by_patient.items()}
+    assignment = [""] * len(items)
+    for label in sorted(set(patient_class.values())):
+        patients = [p for p in sorted(by_patient) if patient_class[p] == label]
+        order = rng.permutation(len(patients))
+        patients = sorted((patients[j] for j in order), key=lambda p: -len(by_patient[p]))
+        total = sum(len(by_patient[p]) for p in patients)
+        targets = np.asarray(fractions) * total
+        counts = np.zeros(len(SPLITS))
+        # The first patients seed each split, so every split gets at least one patient of each class.
+        for rank, patient in enumerate(patients):
+            s = rank if rank < len(SPLITS) else _largest_deficit(counts, targets)
+            counts[s] += len(by_patient[patient])
+            for i in by_patient[patient]:
+                assignment[i] = SPLITS[s]
+    return assignment
+
+
+def _stratified_images(items: list[Item], fractions, rng: np.random.Generator) -> list[str]:
+    assignment = [""] * len(items)
+    by_label: dict[int, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        by_label[item.label].append(i)
+    for label in sorted(by_label):
+        idx = np.asarray(by_label[label])[rng.permutation(len(by_label[label]))]
+        bounds = np.round(np.cumsum(fractions)[:-1] * len(idx)).astype(int)
+        for s, part in enumerate(np.split(idx, bounds)):
+            for i in part:
+                assignment[i] = SPLITS[s]
+    return assignment
+
+
+def assign_splits(items: list[Item], fractions, seed: int) -> tuple[list[str], dict]:
+    """Split names for `items` (in order) and a record of how they were made, for the manifest."""
+    rng = np.random.default_rng(seed)
+    patients_per_class = defaultdict(set)
+    for item in items:
+        patients_per_class[item.label].add(item.patient)
+    too_few = {label: len(p) for label, p in patients_per_class.items()
+               if len(p - {UNKNOWN_PATIENT}) < len(SPLITS) or UNKNOWN_PATIENT in p}
+    record = {"method": "patient-grouped", "seed": seed, "fractions": list(fractions)}
+    if too_few:
+        reason = (f"too few known patients per class for a patient-grouped split (need {len(SPLITS)} per class, "
+                  f"patients per label: {dict(sorted(too_few.items()))}); fell back to a stratified image split, "
+                  f"so a patient's cells may sit in more than one split")
+        log.warning(reason)
+        record.update(method="stratified-images", note=reason)
+        return _stratified_images(items, fractions, rng), record
+    return _grouped(items, fractions, rng), record

@@ -1,0 +1,1 @@
+"""Loading, device-side augmentation, the training loop, checkpoints and reports."""
