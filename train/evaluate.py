@@ -1,0 +1,141 @@
+"""`python -m train.evaluate RUN_DIR [--split test]`: metrics, confusion matrices, curves, predictions, summary.
+
+Runs at the end of every training run too. Loads the run's best.pt (weights_only) at the size it was trained at.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from models import build_model
+from pipeline.store import CacheReader
+from train import checkpoint as ckpt
+from train.augment import GpuAugment
+from train.config import TrainConfig
+from train.distributed import Dist, setup, teardown
+from train.loader import CacheLoader
+from train.loop import Precision, predict
+from train.metrics import classification_report
+from train.report import plot_confusion, plot_curves, write_predictions
+
+log = logging.getLogger(__name__)
+
+
+def read_run_config(run_dir: Path) -> TrainConfig:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no config.json; is it a run folder made by python -m train.run?")
+    return TrainConfig.from_dict(json.loads(path.read_text())["config"])
+
+
+def _nan_to_none(value):
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = None, dist: Dist = Dist(),
+                 batch_size: int | None = None, checkpoint: str = "best.pt") -> dict:
+    """Evaluate `checkpoint` of a run on `splits`; rank 0 writes the reports. Returns the summary."""
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    state = ckpt.load(run_dir / checkpoint)
+    ckpt.check_compatible(state, config.model, config.cache_key, run_dir / checkpoint)
+    reader = CacheReader(config.cache_dir)
+    if reader.manifest["key"] != config.cache_key:
+        raise ckpt.CheckpointError(f"{config.cache_dir} holds cache {reader.manifest['key']}, but the run was trained "
+                                   f"on {config.cache_key}")
+    dev = torch.device(device or config.device)
+    if dev.type == "cuda" and dist.enabled:
+        dev = torch.device("cuda", dist.local_rank)
+    stage = config.stages[state["stage"]]
+    model = build_model(config.model, stem=config.stem)
+    model.load_state_dict(state["model"])
+    precision = Precision.for_device(dev, config.amp)
+    model.to(dev, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
+    augment = GpuAugment.from_manifest(reader.manifest, stage.size).to(dev)
+    class_names = tuple(reader.manifest.get("classes", ("hem", "all")))
+    results = {}
+    for split in splits:
+        if split not in reader.manifest["splits"]:
+            log.info("no %s split in the cache; skipped", split)
+            continue
+        loader = CacheLoader(reader, stage.size, split, batch_size or stage.batch_size, device=dev, rank=dist.rank,
+                             world_size=dist.world_size)
+        probs, labels = predict(model, loader, augment, precision, dev, dist)
+        labelled = bool(len(labels)) and bool((labels >= 0).all())
+        report = classification_report(labels, probs.argmax(1), class_names) if labelled else None
+        results[split] = report
+        if not dist.is_main:
+            continue
+        write_predictions(loader.paths, probs[:, 1], run_dir / f"predictions_{split}.csv")
+        if report is not None:
+            plot_confusion(report["confusion"], f"{config.model} - {split} ({len(labels)} images, acc "
+                           f"{report['accuracy']:.4f})", run_dir / f"confusion_{split}.png", )
+    summary = {}
+    if dist.is_main:
+        summary = _summary(run_dir, config, state, results)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        metrics = run_dir / "metrics.csv"
+        if metrics.exists() and len(pd.read_csv(metrics)):
+            plot_curves(pd.read_csv(metrics), f"{config.model}: accuracy and loss per epoch", run_dir / "curves.png")
+    return summary
+
+
+def _summary(run_dir: Path, config: TrainConfig, state: dict, results: dict) -> dict:
+    metrics_path = run_dir / "metrics.csv"
+    metrics = pd.read_csv(metrics_path) if metrics_path.exists() else pd.DataFrame()
+    valid, test = results.get("valid"), results.get("test")
+    return {
+        "model": config.model,
+        "checkpoint_epoch": state["epoch"] + 1,
+        "checkpoint_size": config.stages[state["stage"]].size,
+        "best_valid_acc": valid["accuracy"] if valid else None,
+        "test_acc": test["accuracy"] if test else None,
+        "test_f1_weighted": test["f1_weighted"] if test else None,
+        "epochs": int(len(metrics)),
+        "train_seconds": round(float(metrics["epoch_s"].sum()), 3) if len(metrics) else 0.0,
+        "seconds_per_epoch": round(float(metrics["epoch_s"].mean()), 3) if len(metrics) else None,
+        "max_valid_acc_any_stage": _nan_to_none(float(metrics["valid_acc"].max())) if len(metrics) else None,
+        "splits": results,
+    }
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--split", nargs="+", default=["valid", "test"], help="splits to evaluate")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the run's)")
+    p.add_argument("--checkpoint", default="best.pt", help="best.pt or last.pt")
+    args = p.parse_args(argv)
+    device = args.device
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dist = setup(torch.device(device).type)
+    try:
+        summary = evaluate_run(args.run_dir, tuple(args.split), device, dist, checkpoint=args.checkpoint)
+    except (FileNotFoundError, ckpt.CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        teardown(dist)
+    if dist.is_main:
+        for split, report in summary["splits"].items():
+            if report is None:
+                print(f"{split}: unlabelled; predictions in predictions_{split}.csv")
+                continue
+            per_class = ", ".join(f"{name} precision {v['precision']:.4f} recall {v['recall']:.4f}"
+                                  for name, v in report["per_class"].items())
+            print(f"{split}: accuracy {report['accuracy']:.4f}, weighted F1 {report['f1_weighted']:.4f}; {per_class}")
+        print(args.run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

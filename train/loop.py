@@ -1,0 +1,123 @@
+"""One epoch of training, and prediction over a split: plain functions, readable top to bottom."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from train.augment import GpuAugment
+from train.distributed import Dist, all_sum, gather_rows
+from train.loader import CacheLoader
+
+
+@dataclass
+class Precision:
+    """How the forward pass runs: autocast dtype (None = fp32), a grad scaler for fp16, channels_last inputs."""
+    amp_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    channels_last: bool = False
+
+    @classmethod
+    def for_device(cls, device: torch.device, amp: bool) -> "Precision":
+        if device.type != "cuda":
+            return cls()
+        if not amp:
+            return cls(channels_last=True)
+        if torch.cuda.is_bf16_supported():
+            return cls(torch.bfloat16, None, True)
+        return cls(torch.float16, torch.amp.GradScaler("cuda"), True)
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    acc: float
+    images: int
+    seconds: float
+    data_wait: float  # share of the epoch's wall time spent waiting for the loader
+
+    @property
+    def imgs_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def train_one_epoch(model, loader: CacheLoader, augment: GpuAugment, optimizer, precision: Precision,
+                    device: torch.device, dist: Dist, generator: torch.Generator, desc: str = "train",
+                    progress: bool = True) -> EpochStats:
+    model.train()
+    augment.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # device-side sums: no sync per step
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    images, wait_s = 0, 0.0
+    start = time.perf_counter()
+    bar = tqdm(total=len(loader), desc=desc, unit="batch", disable=not progress, leave=False)
+    batches = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            uint8_images, labels = next(batches)
+        except StopIteration:
+            break
+        wait_s += time.perf_counter() - t0
+        x = precision.prepare(augment.apply(uint8_images, augment.sample(len(labels), generator)))
+        with precision.autocast(device):
+            logits = model(x)
+            loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        if precision.scaler is not None:
+            precision.scaler.scale(loss).backward()
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        loss_sum += loss.detach().double() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        images += len(labels)
+        bar.update()
+        if bar.n % 10 == 1 or bar.n == bar.total:
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images / (time.perf_counter() - start):.0f}")
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    loss_total, correct_total, count = all_sum([loss_sum.item(), float(correct.item()), float(images)], dist, device)
+    return EpochStats(loss_total / max(count, 1), correct_total / max(count, 1), int(count), seconds,
+                      wait_s / seconds if seconds > 0 else 0.0)
+
+
+@torch.no_grad()
+def predict(model, loader: CacheLoader, augment: GpuAugment, precision: Precision, device: torch.device,
+            dist: Dist) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (N, C) float64 and labels (N,) for the whole split, in cache order, on every rank."""
+    model.eval()
+    augment.eval()
+    probs, labels = [], []
+    for uint8_images, y in loader:
+        with precision.autocast(device):
+            logits = model(precision.prepare(augment(uint8_images)))
+        probs.append(torch.softmax(logits.float(), 1).double())
+        labels.append(y)
+    c = model.module.fc.out_features if hasattr(model, "module") else model.fc.out_features
+    mine = torch.cat(probs) if probs else torch.empty(0, c, dtype=torch.float64, device=device)
+    mine_labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64, device=device)
+    return gather_rows(mine, dist).cpu().numpy(), gather_rows(mine_labels, dist).cpu().numpy()
+
+
+def loss_and_acc(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Cross-entropy and accuracy over labelled rows (label >= 0)."""
+    known = labels >= 0
+    if not known.any():
+        return float("nan"), float("nan")
+    p = probs[known, labels[known]].clip(1e-12, 1)
+    return float(-np.log(p).mean()), float((probs[known].argmax(1) == labels[known]).mean())

@@ -1,0 +1,79 @@
+"""The run's figures and files: confusion matrices, accuracy/loss curves, predictions CSV."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display is needed or assumed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+CLASS_LABELS = ("hem (normal)", "all (leukemic)")
+
+
+def plot_confusion(cm, title: str, path: Path, class_labels=CLASS_LABELS) -> None:
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(4.6, 4.0), dpi=120)
+    ax.imshow(cm, cmap="Blues")
+    totals = cm.sum(1, keepdims=True).clip(min=1)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            dark = cm[i, j] > cm.max() / 2
+            ax.text(j, i, f"{cm[i, j]}\n{cm[i, j] / totals[i, 0]:.1%}", ha="center", va="center",
+                    color="white" if dark else "black", fontsize=11)
+    ax.set_xticks(range(len(class_labels)), class_labels)
+    ax.set_yticks(range(len(class_labels)), class_labels)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_curves(metrics: pd.DataFrame, title: str, path: Path) -> None:
+    """Train and valid accuracy and loss per epoch, stage boundaries (size switches) marked."""
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for ax, key, label in ((acc_ax, "acc", "accuracy"), (loss_ax, "loss", "cross-entropy loss")):
+        ax.plot(metrics["epoch"], metrics[f"train_{key}"], "o-", ms=3, label=f"train {key}")
+        ax.plot(metrics["epoch"], metrics[f"valid_{key}"], "s-", ms=3, label=f"valid {key}")
+        for _, first in metrics.groupby("stage").head(1).iterrows():
+            if first["epoch"] > metrics["epoch"].min():
+                ax.axvline(first["epoch"] - 0.5, color="gray", ls="--", lw=1)
+            ax.annotate(f"{int(first['size'])} px", (first["epoch"] - 0.4, 1.0), xycoords=("data", "axes fraction"),
+                        va="top", fontsize=8, color="gray")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right" if key == "acc" else "upper right", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_predictions(paths, probs_all: np.ndarray, path: Path) -> None:
+    """One row per image: its file name, the predicted label (1 = all) and the probability of `all`."""
+    table = pd.DataFrame({
+        "image": [Path(p).name for p in paths],
+        "path": list(paths),
+        "predicted_label": (np.asarray(probs_all) >= 0.5).astype(int),
+        "prob_all": np.round(np.asarray(probs_all, np.float64), 6),
+    })
+    table.to_csv(path, index=False)
+
+
+def plot_compare(runs: list[tuple[str, pd.DataFrame]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for name, metrics in runs:
+        ax.plot(metrics["epoch"], metrics["valid_acc"], "-", lw=1.5, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("valid accuracy")
+    ax.set_title("validation accuracy per run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

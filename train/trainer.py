@@ -1,0 +1,262 @@
+"""A whole run: stages (progressive resizing), the learning-rate schedule, checkpoints, metrics, resume.
+
+Each stage after the first starts from the best-valid weights of the stage before (best.pt) with a fresh optimizer
+at the base learning rate, as the report continued its 128 px models at 224 px. best.pt holds the best-valid
+weights of the current stage; last.pt the end of the last finished epoch. Only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from models import build_model
+from pipeline.store import CacheReader
+from train import checkpoint as ckpt
+from train.augment import GpuAugment
+from train.config import TrainConfig
+from train.distributed import Dist
+from train.loader import CacheLoader
+from train.loop import Precision, loss_and_acc, predict, train_one_epoch
+
+log = logging.getLogger(__name__)
+METRIC_COLUMNS = ["epoch", "stage", "size", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "epoch_s",
+                  "imgs_per_s", "data_wait"]
+
+
+@dataclass
+class Progress:
+    """What the schedule needs to continue exactly: saved in every checkpoint."""
+    epoch: int = -1  # last finished global epoch, 0-based
+    lr: float = 0.0
+    best_acc: float = -1.0  # best valid accuracy of the current stage
+    best_epoch: int = -1
+    since_improve: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def library_versions() -> dict:
+    import h5py
+    import kornia
+    import torchvision
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "kornia": kornia.__version__, "h5py": h5py.__version__, "numpy": np.__version__}
+
+
+def rng_states(device: torch.device) -> dict:
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+@dataclass
+class Trainer:
+    config: TrainConfig
+    run_dir: Path
+    dist: Dist = field(default_factory=Dist)
+    progress: bool = True
+
+    def __post_init__(self):
+        self.device = torch.device(self.config.device)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.reader = CacheReader(self.config.cache_dir)
+        self.precision = Precision.for_device(self.device, self.config.amp)
+        self.writer = ckpt.AsyncWriter()
+        torch.manual_seed(self.config.seed)  # the initial weights depend on the seed only
+        self.net = build_model(self.config.model, stem=self.config.stem, pretrained=self.config.pretrained)
+        self.net.to(self.device, memory_format=torch.channels_last if self.precision.channels_last
+                    else torch.contiguous_format)
+        self.model = self.net
+        if self.config.compile:
+            self.model = torch.compile(self.model)
+        if self.dist.enabled:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = self._new_optimizer(self.config.lr)
+        self.state = Progress(lr=self.config.lr)
+        self.best_weights: dict | None = None  # best-valid weights of the current stage, on the CPU
+        self._stage_cache: dict[int, tuple] = {}
+
+    # ------------------------------------------------------------------ pieces
+
+    def _new_optimizer(self, lr: float):
+        return torch.optim.SGD(self.net.parameters(), lr=lr, momentum=self.config.momentum)
+
+    def _set_lr(self, lr: float) -> None:
+        self.state.lr = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _stage_data(self, index: int):
+        """(train loader, valid loader, augment) of a stage, made once."""
+        if index not in self._stage_cache:
+            self._stage_cache.clear()  # one stage's resident data at a time
+            stage = self.config.stages[index]
+            common = dict(device=self.device, rank=self.dist.rank, world_size=self.dist.world_size,
+                          seed=self.config.seed)
+            train = CacheLoader(self.reader, stage.size, "train", stage.batch_size, train=True, **common)
+            valid = CacheLoader(self.reader, stage.size, "valid", stage.batch_size, **common)
+            augment = GpuAugment.from_manifest(self.reader.manifest, stage.size).to(self.device)
+            self._stage_cache[index] = (train, valid, augment)
+        return self._stage_cache[index]
+
+    def _checkpoint_state(self, stage: int) -> dict:
+        return {
+            "version": ckpt.CHECKPOINT_VERSION,
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
+            "epoch": self.state.epoch,
+            "stage": stage,
+            "progress": self.state.as_dict(),
+            "rng": rng_states(self.device),
+            "config": self.config.as_dict(),
+        }
+
+    def _load_weights(self, path: Path) -> dict:
+        state = ckpt.load(path)
+        ckpt.check_compatible(state, self.config.model, self.config.cache_key, path)
+        self.net.load_state_dict(state["model"])
+        return state
+
+    # ------------------------------------------------------------------ files
+
+    def write_config(self) -> None:
+        data = {"config": self.config.as_dict(), "versions": library_versions(),
+                "world_size": self.dist.world_size,
+                "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"}
+        (self.run_dir / "config.json").write_text(json.dumps(data, indent=2) + "\n")
+
+    def _append_metrics(self, row: dict) -> None:
+        path = self.run_dir / "metrics.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, METRIC_COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    # ------------------------------------------------------------------ resume
+
+    def resume(self) -> None:
+        """Continue from last.pt: weights, optimizer, scaler, schedule, RNG; metrics after it are dropped."""
+        path = self.run_dir / "last.pt"
+        state = self._load_weights(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.precision.scaler is not None and state["scaler"] is not None:
+            self.precision.scaler.load_state_dict(state["scaler"])
+        self.state = Progress(**state["progress"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.dist.is_main:
+            metrics = self.run_dir / "metrics.csv"
+            if metrics.exists():
+                table = pd.read_csv(metrics)
+                table[table["epoch"] <= self.state.epoch + 1].to_csv(metrics, index=False)
+
+    # ------------------------------------------------------------------ the run
+
+    def fit(self, stop_after_epoch: int | None = None) -> None:
+        """Train from the epoch after `state.epoch` to the end (or to global epoch `stop_after_epoch`, 1-based)."""
+        cfg = self.config
+        for epoch in range(self.state.epoch + 1, cfg.total_epochs):
+            index = cfg.stage_of(epoch)
+            stage = cfg.stages[index]
+            if epoch == cfg.stage_start(index) and index > 0:
+                self._start_stage(index)
+            if epoch + 1 in cfg.lr_drop_epochs:
+                self._set_lr(self.state.lr / 10)
+            train_loader, valid_loader, augment = self._stage_data(index)
+            train_loader.set_epoch(epoch)
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + self.dist.rank)
+            stats = train_one_epoch(self.model, train_loader, augment, self.optimizer, self.precision, self.device,
+                                    self.dist, generator, desc=f"epoch {epoch + 1}/{cfg.total_epochs} "
+                                    f"{stage.size}px", progress=self.progress and self.dist.is_main)
+            valid_loss, valid_acc = loss_and_acc(*predict(self.model, valid_loader, augment, self.precision,
+                                                          self.device, self.dist))
+            self._after_epoch(epoch, index, stage.size, stats, valid_loss, valid_acc)
+            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+                break
+        self.writer.wait()
+
+    def _start_stage(self, index: int) -> None:
+        if self.best_weights is not None:
+            self.net.load_state_dict(self.best_weights)
+        else:  # resumed exactly at a stage boundary: the previous stage's best is on disk
+            self._load_weights(self.run_dir / "best.pt")
+        log.info("stage %d: %d px, starting from the best-valid weights of the stage before (epoch %d, acc %.4f)",
+                 index + 1, self.config.stages[index].size, self.state.best_epoch + 1, self.state.best_acc)
+        self.optimizer = self._new_optimizer(self.config.lr)
+        if self.precision.scaler is not None:
+            self.precision.scaler = torch.amp.GradScaler("cuda")
+        self.state = Progress(epoch=self.state.epoch, lr=self.config.lr)
+        self.best_weights = None
+
+    def _after_epoch(self, epoch: int, index: int, size: int, stats, valid_loss: float, valid_acc: float) -> None:
+        s = self.state
+        s.epoch = epoch
+        improved = valid_acc > s.best_acc
+        if improved:
+            s.best_acc, s.best_epoch, s.since_improve = valid_acc, epoch, 0
+            # Every rank sees the same reduced accuracy, so every rank keeps the same best weights (no shared
+            # file system needed for the next stage's start).
+            self.best_weights = ckpt.cpu_copy(self.net.state_dict())
+        else:
+            s.since_improve += 1
+        lr_used = s.lr
+        if self.config.lr_drop_patience and s.since_improve >= self.config.lr_drop_patience:
+            log.info("valid accuracy has not improved for %d epochs: lr %.2g -> %.2g", s.since_improve, s.lr,
+                     s.lr / 10)
+            self._set_lr(s.lr / 10)
+            s.since_improve = 0
+        if self.dist.is_main:
+            state = self._checkpoint_state(index)
+            items = [(state, self.run_dir / "last.pt")] + ([(state, self.run_dir / "best.pt")] if improved else [])
+            self.writer.submit(items)
+            self._append_metrics({
+                "epoch": epoch + 1, "stage": index + 1, "size": size, "lr": lr_used,
+                "train_loss": round(stats.loss, 6), "train_acc": round(stats.acc, 6),
+                "valid_loss": round(valid_loss, 6), "valid_acc": round(valid_acc, 6),
+                "epoch_s": round(stats.seconds, 3), "imgs_per_s": round(stats.imgs_per_s, 1),
+                "data_wait": round(stats.data_wait, 4)})
+            log.info("epoch %d/%d (%d px): train loss %.4f acc %.4f, valid loss %.4f acc %.4f, %.1f s, %.0f img/s",
+                     epoch + 1, self.config.total_epochs, size, stats.loss, stats.acc, valid_loss, valid_acc,
+                     stats.seconds, stats.imgs_per_s)
+
+
+def estimate_seconds(config: TrainConfig, steps: int = 2) -> tuple[float, list[str]]:
+    """Time a few training steps per stage on this machine and extrapolate to the whole recipe."""
+    reader = CacheReader(config.cache_dir)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, stem=config.stem)
+    device = torch.device(config.device)
+    model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    total, lines = 0.0, []
+    for stage in config.stages:
+        x = torch.randn(stage.batch_size, 3, stage.size, stage.size, device=device)
+        y = torch.zeros(stage.batch_size, dtype=torch.int64, device=device)
+        for i in range(steps + 1):
+            if i == 1:
+                start = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        rate = steps * stage.batch_size / (time.perf_counter() - start)
+        count = reader.count(stage.size, "train") + reader.count(stage.size, "valid") / 3  # eval ~ 1/3 of a step
+        seconds = stage.epochs * count / rate
+        total += seconds
+        lines.append(f"{stage.size} px x {stage.epochs} epochs: {rate:.1f} img/s -> {seconds / 3600:.1f} h")
+    return total, lines
