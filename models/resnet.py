@@ -48,7 +48,12 @@ def load_backbone(model: nn.Module, path: Path) -> None:
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a checkpoint of ours
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches: weights of another architecture
+        first = str(err).split("\n\t")[1] if "\n\t" in str(err) else str(err)
+        raise ModelError(f"--pretrained {path} does not fit {type(model).__name__} (e.g. {first.strip()}); use "
+                         f"weights of the same architecture") from err
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise ModelError(f"--pretrained {path} does not fit {type(model).__name__}: "

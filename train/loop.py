@@ -24,7 +24,9 @@ class Precision:
     @classmethod
     def for_device(cls, device: torch.device, amp: bool) -> "Precision":
         if device.type != "cuda":
-            return cls()
+            # channels_last on the CPU too: the augmentation's output already is, and oneDNN was ~10% faster with it
+            # (ResNet18, 96 px, batch 32, 2-core dev machine); it also keeps DDP's gradient buckets aligned.
+            return cls(channels_last=True)
         if not amp:
             return cls(channels_last=True)
         if torch.cuda.is_bf16_supported():

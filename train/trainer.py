@@ -189,6 +189,8 @@ class Trainer:
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
         self.writer.wait()
+        if self.dist.enabled:
+            torch.distributed.barrier()  # every rank may read best.pt once rank 0 has written it
 
     def _start_stage(self, index: int) -> None:
         if self.best_weights is not None:

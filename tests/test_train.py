@@ -1,0 +1,184 @@
+"""train.run end to end on a tiny cache (CPU): outputs, stage switch, resume equivalence, DDP, error paths."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.build import BuildOptions, build
+from pipeline.config import PreprocessConfig
+from train import checkpoint as ckpt
+from train import trainer as trainer_mod
+from train.compare import main as compare_main
+from train.config import Stage, TrainConfig
+from train.evaluate import evaluate_run
+from train.run import RunError, check_cpu_recipe, main
+from tests.conftest import write_images
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    for i, p in enumerate(["1", "2", "3", "4"]):
+        write_images(root / "src" / "all", [f"UID_{p}_{k}_1_all.bmp" for k in range(8)], 1, side=64, seed=i)
+    for i, p in enumerate(["H1", "H2", "H3"]):
+        write_images(root / "src" / "hem", [f"UID_{p}_{k}_1_hem.bmp" for k in range(8)], 0, side=64, seed=7 + i)
+    report = build(PreprocessConfig(), BuildOptions(sizes=(16, 24), source=root / "src", cache_root=root / "cache",
+                                                    jobs=1, progress=False))
+    return report.cache_dir
+
+
+def run(args, capsys=None) -> Path:
+    assert main(args + ["--no-progress", "--device", "cpu"]) == 0
+    if capsys is not None:
+        return Path(capsys.readouterr().out.strip().splitlines()[-1])
+    return None
+
+
+def common(cache, out):
+    return ["--cache", str(cache), "--out", str(out), "--batch-size", "4"]
+
+
+def test_a_run_writes_every_report(cache, tmp_path, capsys):
+    run_dir = run(["resnet18", "--stages", "16:2", "24:1"] + common(cache, tmp_path), capsys)
+    assert run_dir.parent == tmp_path and run_dir.name.startswith("resnet18-")
+    for name in ["config.json", "metrics.csv", "last.pt", "best.pt", "curves.png", "confusion_valid.png",
+                 "confusion_test.png", "predictions_test.csv", "summary.json"]:
+        assert (run_dir / name).is_file(), name
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert list(metrics.columns[:11]) == ["epoch", "stage", "size", "lr", "train_loss", "train_acc", "valid_loss",
+                                         "valid_acc", "epoch_s", "imgs_per_s", "data_wait"]
+    assert metrics["epoch"].tolist() == [1, 2, 3] and metrics["size"].tolist() == [16, 16, 24]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("best_valid_acc", "test_acc", "test_f1_weighted", "epochs", "train_seconds"):
+        assert key in summary
+    assert summary["epochs"] == 3 and 0 <= summary["test_acc"] <= 1
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["config"]["cache_key"] == cache.name and "torch" in config["versions"]
+    # predictions: one row per test image, with the image name, predicted label and probability of `all`
+    preds = pd.read_csv(run_dir / "predictions_test.csv")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert len(preds) == manifest["splits"]["test"]["count"]
+    assert list(preds.columns[:2]) == ["image", "path"] and {"predicted_label", "prob_all"} <= set(preds.columns)
+    assert preds["prob_all"].between(0, 1).all()
+    assert (preds["predicted_label"] == (preds["prob_all"] >= 0.5)).all()
+    assert all(p.endswith(img) for p, img in zip(preds["path"], preds["image"]))
+    # test accuracy in the summary is the predictions' accuracy
+    truth = preds["image"].str.contains("_all").astype(int)
+    assert summary["test_acc"] == pytest.approx((preds["predicted_label"] == truth).mean())
+    # compare: one table row per run
+    assert compare_main([str(run_dir), str(run_dir), "--out", str(tmp_path / "cmp.png")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| resnet18 |") == 2 and (tmp_path / "cmp.png").is_file()
+
+
+def test_the_next_stage_starts_from_the_best_valid_weights(cache, tmp_path, monkeypatch):
+    seen = {}
+    original = trainer_mod.Trainer._start_stage
+
+    def spy(self, index):
+        original(self, index)
+        best = ckpt.load(self.run_dir / "best.pt")
+        seen["best_epoch"] = best["epoch"]
+        seen["equal"] = all(torch.equal(v, best["model"][k]) for k, v in self.net.state_dict().items())
+    monkeypatch.setattr(trainer_mod.Trainer, "_start_stage", spy)
+    run(["resnet18", "--stages", "16:4", "24:1", "--seed", "3"] + common(cache, tmp_path))
+    (run_dir,) = tmp_path.iterdir()
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    stage1 = metrics[metrics["stage"] == 1]
+    assert seen["equal"]
+    assert seen["best_epoch"] + 1 == int(stage1.loc[stage1["valid_acc"].idxmax(), "epoch"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_after", [1, 2])  # mid-stage, and exactly at the 16 -> 24 switch
+def test_a_stopped_and_resumed_run_ends_with_the_same_weights(cache, tmp_path, capsys, stop_after):
+    args = ["resnet18", "--stages", "16:2", "24:2", "--lr-drop", "plateau:1"]
+    whole = run(args + common(cache, tmp_path / "a"), capsys)
+    part = run(args + common(cache, tmp_path / "b") + ["--stop-after", str(stop_after)], capsys)
+    assert not (part / "summary.json").exists()
+    assert len(pd.read_csv(part / "metrics.csv")) == stop_after
+    assert main(["resnet18", "--resume", str(part), "--no-progress"]) == 0
+    a, b = ckpt.load(whole / "last.pt"), ckpt.load(part / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    cols = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc"]
+    pd.testing.assert_frame_equal(pd.read_csv(whole / "metrics.csv")[cols], pd.read_csv(part / "metrics.csv")[cols])
+
+
+@pytest.mark.slow
+def test_ddp_with_two_gloo_processes_matches_one_process(cache, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "train.run", "resnet18",
+           "--stages", "16:1", "--device", "cpu", "--no-progress"] + common(cache, tmp_path / "ddp")
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    assert result.stdout.count(str(run_dir)) == 1  # only rank 0 prints and writes
+    ddp_summary = json.loads((run_dir / "summary.json").read_text())
+    ddp_preds = pd.read_csv(run_dir / "predictions_test.csv")
+    single = evaluate_run(run_dir, device="cpu")
+    assert single["splits"] == ddp_summary["splits"]
+    pd.testing.assert_frame_equal(pd.read_csv(run_dir / "predictions_test.csv"), ddp_preds)
+    # and a 2-process evaluation of the same checkpoint agrees too
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                             "train.evaluate", str(run_dir), "--device", "cpu"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["splits"] == single["splits"]
+
+
+def test_error_paths_name_the_fix(cache, tmp_path, capsys):
+    def err(args):
+        assert main(args + ["--no-progress", "--device", "cpu"]) == 2
+        return capsys.readouterr().err
+    assert "resnet18, resnet50, resnet152" in err(["resnet34", "--cache", str(cache)])
+    assert "python -m pipeline.build --sizes 64 96" in err(["resnet18", "--stages", "64:1", "96:1", "--cache-root",
+                                                           str(tmp_path / "empty")])
+    assert "--sizes 32" in err(["resnet18", "--stages", "32:1", "--cache", str(cache)])
+    assert "SIZE:EPOCHS" in err(["resnet18", "--stages", "16", "--cache", str(cache)])
+    assert "no config.json" in err(["resnet18", "--resume", str(tmp_path)])
+
+
+def test_resume_refuses_another_cache_and_checkpoints_of_another_model(cache, tmp_path, capsys):
+    run_dir = run(["resnet18", "--stages", "16:1"] + common(cache, tmp_path), capsys)
+    config = json.loads((run_dir / "config.json").read_text())
+    config["config"]["cache_key"] = "0000000000000000"
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert main(["resnet18", "--resume", str(run_dir)]) == 2
+    assert "rebuild that cache" in capsys.readouterr().err
+    state = ckpt.load(run_dir / "last.pt")
+    with pytest.raises(ckpt.CheckpointError, match="holds a 'resnet18' model, not 'resnet50'"):
+        ckpt.check_compatible(state, "resnet50", cache.name, run_dir / "last.pt")
+    with pytest.raises(ckpt.CheckpointError, match="trained on cache"):
+        ckpt.check_compatible(state, "resnet18", "ffff", run_dir / "last.pt")
+
+
+def test_checkpoints_load_without_arbitrary_pickle(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    torch.save({"model": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ckpt.CheckpointError, match="cannot be loaded safely"):
+        ckpt.load(tmp_path / "evil.pt")
+
+
+def test_runs_never_overwrite_each_other(cache, tmp_path, capsys):
+    a = run(["resnet18", "--stages", "16:1"] + common(cache, tmp_path), capsys)
+    b = run(["resnet18", "--stages", "16:1"] + common(cache, tmp_path), capsys)
+    assert a != b and a.is_dir() and b.is_dir()
+
+
+def test_a_full_recipe_on_cpu_estimates_and_suggests(cache):
+    config = TrainConfig(model="resnet18", cache_dir=str(cache), cache_key=cache.name,
+                         stages=(Stage(16, 10**6, 4),), device="cpu")
+    with pytest.raises(RunError, match=r"(?s)would take about .* h on this CPU.*--stages 64:2 96:1"):
+        check_cpu_recipe(config)

@@ -1,0 +1,54 @@
+"""`python -m train.compare RUN_DIR... [--out compare.png]`: the runs' valid-accuracy curves in one figure and a
+markdown table (model, best valid acc, test acc, test F1, seconds per epoch), as the report compared its models."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from train.report import plot_compare
+
+
+def _fmt(value, digits=4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def compare(run_dirs: list[Path], out: Path) -> str:
+    rows, curves = [], []
+    for run in run_dirs:
+        summary_path, metrics_path = run / "summary.json", run / "metrics.csv"
+        if not summary_path.is_file() or not metrics_path.is_file():
+            raise FileNotFoundError(f"{run}: no summary.json/metrics.csv; is the run finished? "
+                                    f"(python -m train.evaluate {run} writes the summary)")
+        summary = json.loads(summary_path.read_text())
+        metrics = pd.read_csv(metrics_path)
+        curves.append((f"{summary['model']} ({run.name})", metrics))
+        rows.append(f"| {summary['model']} | {run.name} | {_fmt(summary['best_valid_acc'])} | "
+                    f"{_fmt(summary['test_acc'])} | {_fmt(summary['test_f1_weighted'])} | "
+                    f"{_fmt(summary['seconds_per_epoch'], 2)} |")
+    plot_compare(curves, out)
+    header = ["| model | run | best valid acc | test acc | test F1 (weighted) | s/epoch |",
+              "|---|---|---|---|---|---|"]
+    return "\n".join(header + rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__.splitlines()[0])
+    p.add_argument("runs", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, default=Path("compare.png"), help="figure of the valid-accuracy curves")
+    args = p.parse_args(argv)
+    try:
+        table = compare(args.runs, args.out)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(table)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
