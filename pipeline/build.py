@@ -25,8 +25,9 @@ from pipeline import store
 
 log = logging.getLogger(__name__)
 SPLIT_ORDER = ("train", "valid", "test", "prelim", "final")
-BACKENDS = ("threads", "processes")
+BACKENDS = ("threads", "processes", "dask")
 DEFAULT_BACKEND = "threads"  # see README "Build benchmark": threads beat processes on 2 cores (no array copy-back)
+# "dask" runs the image work on a Dask cluster through joblib's Dask backend (pip install -e '.[cluster]')
 
 
 class BuildError(RuntimeError):
@@ -41,6 +42,7 @@ class BuildOptions:
     jobs: int = -1
     backend: str = DEFAULT_BACKEND
     on_error: str = "fail"  # or "skip"
+    scheduler: str | None = None  # dask scheduler address for backend "dask"; None starts a local cluster
     progress: bool = True
 
 
@@ -164,10 +166,18 @@ def _process(path: str, config: PreprocessConfig, sizes: tuple[int, ...]):
         return False, f"OpenCV could not process it ({str(err).strip().splitlines()[-1]})"
 
 
-def _parallel_results(tasks, config, backend: str, jobs: int):
+def _parallel_results(tasks, config, backend: str, jobs: int, scheduler: str | None = None):
     """Results of `_process` over `tasks` (path, sizes), in order, through joblib."""
     import joblib
     calls = (joblib.delayed(_process)(path, config, sizes) for path, sizes in tasks)
+    if backend == "dask":
+        from pipeline.dask_backend import DaskUnavailable, dask_parallel_config
+        try:
+            with dask_parallel_config(scheduler, jobs):
+                yield from joblib.Parallel(n_jobs=-1, return_as="generator")(calls)
+        except DaskUnavailable as err:
+            raise BuildError(str(err)) from err
+        return
     if jobs == 1:
         yield from (_process(path, config, sizes) for path, sizes in tasks)
         return
@@ -272,7 +282,7 @@ def _write_chunks(config, options, source, cache_dir, chunks: list[Chunk], resul
     if not tasks:
         return 0, 0
     bytes_written = 0
-    outputs = _parallel_results(tasks, config, options.backend, options.jobs)
+    outputs = _parallel_results(tasks, config, options.backend, options.jobs, options.scheduler)
     bar = tqdm(total=len(tasks), unit="img", desc="preprocess", disable=not options.progress)
     writers: list[store.ShardWriter] = []
     try:
@@ -365,6 +375,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=Path("cache"), help="root folder of all caches")
     p.add_argument("--jobs", type=int, default=-1, help="parallel workers (-1: all cores)")
     p.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND, help="joblib backend")
+    p.add_argument("--scheduler", help="dask scheduler address for --backend dask (default: a local cluster of "
+                                       "--jobs workers)")
     p.add_argument("--shard-size", type=int, default=d.shard_size, help="images per HDF5 shard")
     p.add_argument("--split-seed", type=int, default=d.split_seed, help="seed of the train/valid/test assignment")
     p.add_argument("--split-fractions", type=float, nargs=3, default=list(d.split_fractions),
@@ -404,7 +416,7 @@ def main(argv=None) -> int:
         else:
             source = args.source
         options = BuildOptions(sizes=tuple(args.sizes), source=source, cache_root=args.cache_dir, jobs=args.jobs,
-                               backend=args.backend, on_error=args.on_error,
+                               backend=args.backend, on_error=args.on_error, scheduler=args.scheduler,
                                progress=not args.no_progress)
         report = build(config, options)
     except (BuildError, ValueError, store.CacheError) as err:

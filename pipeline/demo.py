@@ -89,3 +89,25 @@ def ensure_demo_source(cache_root: Path) -> Path:
     except OSError:  # another process put it in place first
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def write_synthetic_source(root: Path, count: int, image_px: int = 96, patients_per_class: int = 8,
+                           seed: int = 0) -> Path:
+    """A quick class-folder source of `count` small images (scaling tests and benchmarks), about 2:1 all:hem,
+    named like C-NMC files so the split can group by patient. Files get a fixed modification time."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        label = "all" if i % 3 else "hem"
+        patient = (f"H{i % patients_per_class}" if label == "hem" else f"{i % patients_per_class}")
+        folder = root / label
+        if i < 3:
+            folder.mkdir(parents=True, exist_ok=True)
+        img = np.zeros((image_px, image_px, 3), np.uint8)
+        radius = int(image_px * (0.3 if label == "all" else 0.22) * rng.uniform(0.85, 1.15))
+        colour = (120, 40, 80) if label == "all" else (160, 90, 120)
+        cv2.circle(img, (image_px // 2, image_px // 2), radius, colour, -1)
+        img = cv2.add(img, rng.integers(0, 40, img.shape, dtype=np.uint8), mask=(img[:, :, 0] > 0).astype(np.uint8))
+        path = folder / f"UID_{patient}_{i}_1_{label}.bmp"
+        cv2.imwrite(str(path), img)
+        os.utime(path, (FIXED_MTIME_S, FIXED_MTIME_S))
+    return root

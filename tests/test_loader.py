@@ -38,6 +38,10 @@ def all_images(cache_dir, split="train") -> np.ndarray:
 
 def collect(loader):
     xs, ys = zip(*list(loader))
+    sizes = [len(y) for y in ys]
+    assert all(n == loader.batch_size for n in sizes[:-1]) and 0 < sizes[-1] <= loader.batch_size
+    if loader.train:
+        assert sizes[-1] == loader.batch_size  # drop_last
     return torch.cat(xs).permute(0, 2, 3, 1).numpy(), torch.cat(ys).numpy()
 
 

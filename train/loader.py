@@ -238,7 +238,7 @@ class CacheLoader:
                                   name="cache-reader")
         thread.start()
         try:
-            pending = None  # (images (k, S, S, 3), labels (k,)) rows carried into the next batch
+            pending = None  # (images (k, S, S, 3), labels (k,)), k < batch_size: rows carried into the next window
             emitted = 0
             for w_index in range(len(windows)):
                 item = q.get()
@@ -247,16 +247,22 @@ class CacheLoader:
                 window_images, window_rows = item
                 take = self._window_order(windows[w_index], self.epoch)[:max(0, rows - emitted)]
                 emitted += len(take)
-                for start in range(0, len(take), self.batch_size):
-                    part = take[start:start + self.batch_size]
-                    images, labels = window_images[part], self.labels[window_rows[part]]
-                    if pending is not None:
-                        images = np.concatenate([pending[0], images])
-                        labels = np.concatenate([pending[1], labels])
-                        pending = None
-                    if len(images) < self.batch_size:
-                        pending = (images, labels)
+                start = 0
+                if pending is not None:  # complete the carried partial batch first
+                    start = self.batch_size - len(pending[1])
+                    part = take[:start]
+                    pending = (np.concatenate([pending[0], window_images[part]]),
+                               np.concatenate([pending[1], self.labels[window_rows[part]]]))
+                    if len(pending[1]) < self.batch_size:
                         continue
+                    yield self._batch(*pending)
+                    pending = None
+                for begin in range(start, len(take), self.batch_size):
+                    part = take[begin:begin + self.batch_size]
+                    images, labels = window_images[part], self.labels[window_rows[part]]
+                    if len(part) < self.batch_size:
+                        pending = (images, labels)
+                        break
                     yield self._batch(images, labels)
                 del window_images
             if pending is not None and not self.train:
@@ -279,16 +285,20 @@ class CacheLoader:
 
     def _read_windows(self, windows: list[list[Block]], q: queue.Queue, stop: threading.Event) -> None:
         """Reader thread: one contiguous read per block into a window array; files opened here, closed here."""
-        files: dict[int, h5py.File] = {}
+        # One file open at a time, without HDF5's chunk cache (1 MiB per open file by default): blocks are read
+        # whole and never twice, and memory must not grow with the number of shards.
+        open_shard, f = -1, None
         try:
             for window in windows:
                 rows = _window_rows(window)
                 images = np.empty((len(rows), self.stored_size, self.stored_size, 3), np.uint8)
                 at = 0
                 for b in window:
-                    if b.shard not in files:
-                        files[b.shard] = h5py.File(self.shard_paths[b.shard], "r")
-                    files[b.shard]["images"].read_direct(images, np.s_[b.start:b.stop], np.s_[at:at + len(b)])
+                    if b.shard != open_shard:
+                        if f is not None:
+                            f.close()
+                        f, open_shard = h5py.File(self.shard_paths[b.shard], "r", rdcc_nbytes=0), b.shard
+                    f["images"].read_direct(images, np.s_[b.start:b.stop], np.s_[at:at + len(b)])
                     at += len(b)
                 while not stop.is_set():
                     try:
@@ -301,5 +311,5 @@ class CacheLoader:
         except BaseException as err:  # handed to the consumer, which re-raises it
             q.put(err)
         finally:
-            for f in files.values():
+            if f is not None:
                 f.close()
