@@ -5,6 +5,8 @@
         ResNet training steps fed by it)
     python -m pipeline.bench build [--images 1024] [--sizes 128 224]
         the cache build against bare OpenCV; --jobs 2 against --jobs 1
+    python -m pipeline.bench scale [--counts 1000 4000 16000] [--plot scale.png]
+        build seconds, cache bytes, streaming/resident images/s and peak RSS as the data grows
 
 The loader benchmark needs torch, so it lives in train/ and is imported only when asked for.
 """
@@ -22,6 +24,19 @@ def _build_args(argv):
                                 description="build cost against bare OpenCV; --jobs 2 against --jobs 1")
     p.add_argument("--images", type=int, default=1024, help="images in the generated source")
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 224])
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    return p.parse_args(argv)
+
+
+def _scale_args(argv):
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench scale",
+                                description="costs against data size on generated images")
+    p.add_argument("--counts", type=int, nargs="+", default=[1000, 4000, 16000], help="images per source")
+    p.add_argument("--size", type=int, default=64, help="cached size (px)")
+    p.add_argument("--image-px", type=int, default=96, help="side of the generated source images")
+    p.add_argument("--budget-mib", type=int, default=32, help="streaming memory budget")
+    p.add_argument("--plot", type=Path, default=Path("scale.png"), help="log-log figure")
+    p.add_argument("--work-dir", type=Path, help="where the generated data goes (default: the temp folder)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     return p.parse_args(argv)
 
@@ -48,6 +63,13 @@ def main(argv=None) -> int:
         args = _build_args(argv[1:])
         result = bench_build.run(images=args.images, sizes=args.sizes)
         print(bench_build.report(result))
+    elif argv[:1] == ["scale"]:
+        from train import bench_scale
+        args = _scale_args(argv[1:])
+        result = bench_scale.run(counts=args.counts, size=args.size, image_px=args.image_px,
+                                 budget_bytes=args.budget_mib * 2**20, work_dir=args.work_dir, plot=args.plot)
+        print(bench_scale.report(result))
+        print(args.plot)
     else:
         from train import bench_loader
         args = _loader_args(argv)

@@ -38,6 +38,15 @@ def cnmc_names(patients: list[str], per_patient: int, cls: str) -> list[str]:
     return [f"UID_{p}_{i}_1_{cls}.bmp" for p in patients for i in range(1, per_patient + 1)]
 
 
+def patient_folders(root: Path, all_images: int, hem_images: int, side: int = 64) -> Path:
+    """all/ + hem/ folders with C-NMC names: 4 `all` patients x `all_images`, 3 `hem` patients x `hem_images`."""
+    for i, p in enumerate(["1", "2", "3", "4"]):
+        write_images(root / "all", [f"UID_{p}_{k}_1_all.bmp" for k in range(all_images)], 1, side=side, seed=i)
+    for i, p in enumerate(["H1", "H2", "H3"]):
+        write_images(root / "hem", [f"UID_{p}_{k}_1_hem.bmp" for k in range(hem_images)], 0, side=side, seed=9 + i)
+    return root
+
+
 @pytest.fixture
 def kaggle_source(tmp_path) -> Path:
     """Kaggle layout: 4 `all` patients x 4 images, 3 `hem` patients x 4 images, across 2 folds."""

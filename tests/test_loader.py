@@ -10,7 +10,7 @@ from pipeline import store
 from pipeline.build import BuildOptions, build
 from pipeline.config import PreprocessConfig
 from train.loader import CacheLoader
-from tests.conftest import write_images
+from tests.conftest import patient_folders
 
 SIZE = 16
 
@@ -19,10 +19,7 @@ SIZE = 16
 def cache_dir(tmp_path_factory) -> Path:
     """A cache of 60 train-ish images in shards of 7 (uneven, so blocks and shards do not line up)."""
     root = tmp_path_factory.mktemp("loader")
-    for i, p in enumerate(["1", "2", "3", "4"]):
-        write_images(root / "src" / "all", [f"UID_{p}_{k}_1_all.bmp" for k in range(12)], 1, side=64, seed=i)
-    for i, p in enumerate(["H1", "H2", "H3"]):
-        write_images(root / "src" / "hem", [f"UID_{p}_{k}_1_hem.bmp" for k in range(10)], 0, side=64, seed=9 + i)
+    patient_folders(root / "src", all_images=12, hem_images=10)
     report = build(PreprocessConfig(shard_size=7), BuildOptions(sizes=(SIZE,), source=root / "src",
                                                                 cache_root=root / "cache", jobs=1, progress=False))
     return report.cache_dir

@@ -18,7 +18,7 @@ from train.compare import main as compare_main
 from train.config import Stage, TrainConfig
 from train.evaluate import evaluate_run
 from train.run import RunError, check_cpu_recipe, main
-from tests.conftest import write_images
+from tests.conftest import patient_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,10 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train")
-    for i, p in enumerate(["1", "2", "3", "4"]):
-        write_images(root / "src" / "all", [f"UID_{p}_{k}_1_all.bmp" for k in range(8)], 1, side=64, seed=i)
-    for i, p in enumerate(["H1", "H2", "H3"]):
-        write_images(root / "src" / "hem", [f"UID_{p}_{k}_1_hem.bmp" for k in range(8)], 0, side=64, seed=7 + i)
+    patient_folders(root / "src", all_images=8, hem_images=8)
     report = build(PreprocessConfig(), BuildOptions(sizes=(16, 24), source=root / "src", cache_root=root / "cache",
                                                     jobs=1, progress=False))
     return report.cache_dir
@@ -85,6 +82,7 @@ def test_the_next_stage_starts_from_the_best_valid_weights(cache, tmp_path, monk
 
     def spy(self, index):
         original(self, index)
+        self.writer.wait()  # best.pt may still be being written in the background
         best = ckpt.load(self.run_dir / "best.pt")
         seen["best_epoch"] = best["epoch"]
         seen["equal"] = all(torch.equal(v, best["model"][k]) for k, v in self.net.state_dict().items())
