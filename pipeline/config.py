@@ -125,6 +125,7 @@ def geometry_for(size: int, crop_px: int, reference_px: int, max_rotation_deg: f
         if best is None or error < best[0]:
             best = (error, context, stored)
     if best is None:
-        raise ValueError(f"no context margin fits size {size} inside a {reference_px} px image; lower --max-rotation-deg")
+        raise ValueError(f"no context margin fits size {size} inside a {reference_px} px image; "
+                         f"lower --max-rotation-deg")
     _, context, stored = best
     return Geometry(size=size, crop=crop_px, context_crop=context, stored_size=stored)

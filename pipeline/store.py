@@ -259,9 +259,9 @@ def verify(cache_dir: str | os.PathLike) -> list[str]:
     cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
     problems = []
-    for size, info in manifest["sizes"].items():
+    for info in manifest["sizes"].values():
         s = info["stored_size"]
-        for split, shards in info["shards"].items():
+        for shards in info["shards"].values():
             for shard in shards:
                 path = cache_dir / shard["file"]
                 if not path.is_file():

@@ -151,3 +151,13 @@ def test_cuda_batches_are_on_the_device(cache_dir, mode):
     images, labels = next(iter(loader))
     assert images.is_cuda and labels.is_cuda and images.dtype == torch.uint8 and labels.dtype == torch.int64
     assert loader.placement == ("device" if mode == "resident" else "pinned")
+
+
+def test_the_benchmarks_training_steps_run(cache_dir):
+    """The benchmark's training-step timing (used on CUDA) runs end to end; here on the CPU, one model."""
+    from train.augment import GpuAugment
+    from train.bench_loader import time_training
+    loader = CacheLoader(cache_dir, SIZE, "train", 8, train=True)
+    augment = GpuAugment.from_manifest(store.read_manifest(cache_dir), SIZE).train()
+    result = time_training(loader, augment, torch.device("cpu"), steps=3, models=("resnet18",), warmup_steps=1)
+    assert result["resnet18"]["imgs_per_s"] > 0 and 0 < result["resnet18"]["data_wait_share"] < 1

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image
@@ -72,7 +71,7 @@ def time_cached(loader: CacheLoader, images: int, device, augment: GpuAugment | 
     start = time.perf_counter()
     while count < images:
         loader.set_epoch(epoch)
-        for x, y in loader:
+        for x, _ in loader:
             if augment is not None:
                 t = time.perf_counter()
                 out = augment(x)
@@ -87,45 +86,54 @@ def time_cached(loader: CacheLoader, images: int, device, augment: GpuAugment | 
     return count / (time.perf_counter() - start), aug_s / count
 
 
-def time_training(loader: CacheLoader, augment: GpuAugment, device, steps: int = 30) -> dict:
-    """ResNet18/50/152 steps fed by the cached loader + augmentation: images/s and the data-wait share."""
-    import torchvision
+def time_training(loader: CacheLoader, augment: GpuAugment, device, steps: int = 30,
+                  models=("resnet18", "resnet50", "resnet152"), warmup_steps: int = 5) -> dict:
+    """Training steps fed by the cached loader + augmentation: images/s and the share of time spent on data
+    (waiting for the loader plus augmenting), per model. AMP and channels_last as train.run uses them."""
+    from models import build_model
+    from train.loop import Precision
+    precision = Precision.for_device(device, amp=True)
     results = {}
-    amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    for name in ("resnet18", "resnet50", "resnet152"):
-        model = getattr(torchvision.models, name)(num_classes=2).to(device, memory_format=torch.channels_last)
+    for name in models:
+        model = build_model(name).to(device, memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
-        wait_s, step_count, images = 0.0, 0, 0
-        start = None
-        epoch = 0
-        while step_count < steps + 5:
+        data_s, done, images, start, epoch = 0.0, 0, 0, None, 0
+        while done < steps + warmup_steps:
             loader.set_epoch(epoch)
-            it = iter(loader)
-            while step_count < steps + 5:
+            batches = iter(loader)
+            while True:
+                if done == warmup_steps:
+                    _sync(device)
+                    start, data_s, images = time.perf_counter(), 0.0, 0
                 t0 = time.perf_counter()
                 try:
-                    x, y = next(it)
+                    x, y = next(batches)
                 except StopIteration:
                     break
-                x = augment(x).contiguous(memory_format=torch.channels_last)
-                torch.cuda.synchronize(device)
-                t1 = time.perf_counter()
-                if step_count == 5:  # warm-up steps done
-                    start, wait_s, images = t0, 0.0, 0
-                wait_s += t1 - t0
-                with torch.autocast("cuda", dtype=amp_dtype):
+                x = precision.prepare(augment(x))
+                _sync(device)
+                data_s += time.perf_counter() - t0
+                with precision.autocast(device):
                     loss = torch.nn.functional.cross_entropy(model(x), y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                torch.cuda.synchronize(device)
+                if precision.scaler is not None:
+                    precision.scaler.scale(loss).backward()
+                    precision.scaler.step(opt)
+                    precision.scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
                 images += x.shape[0]
-                step_count += 1
+                done += 1
+                if done >= steps + warmup_steps:
+                    break
             epoch += 1
+        _sync(device)
         total = time.perf_counter() - start
-        results[name] = {"imgs_per_s": images / total, "data_wait_share": wait_s / total}
+        results[name] = {"imgs_per_s": images / total, "data_wait_share": data_s / total}
         del model, opt
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return results
 
 
@@ -171,5 +179,5 @@ def report(r: dict) -> str:
     ]
     for name, t in r.get("training", {}).items():
         lines.append(f"  {name} training step fed by (c): {t['imgs_per_s']:.0f} images/s, "
-                     f"data wait {t['data_wait_share'] * 100:.1f}% of step time")
+                     f"data (load + augment) {t['data_wait_share'] * 100:.1f}% of step time")
     return "\n".join(lines)

@@ -22,7 +22,6 @@ import os
 import queue
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import h5py
 import numpy as np

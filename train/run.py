@@ -129,8 +129,8 @@ def check_cpu_recipe(config: TrainConfig) -> None:
         recipe = " ".join(f"{s.size}:{s.epochs}:{s.batch_size}" for s in config.stages)
         raise RunError(f"the full {config.model} recipe ({recipe}) would take about {seconds / 3600:.1f} h on this "
                        f"CPU at the measured rate:\n  " + "\n  ".join(lines) +
-                       f"\nFor a short run try --stages 64:2 96:1 (build those sizes first), use a GPU, "
-                       f"or pass --force to run it anyway")
+                       "\nFor a short run try --stages 64:2 96:1 (build those sizes first), use a GPU, "
+                       "or pass --force to run it anyway")
 
 
 def main(argv=None) -> int:
