@@ -212,9 +212,8 @@ def build(config: PreprocessConfig, options: BuildOptions) -> BuildReport:
         fresh = not (cache_dir / store.MANIFEST).is_file()
         try:
             return _build_locked(config, options, source, key, cache_dir, sizes)
-        except BaseException as err:
-            if isinstance(err, BuildError):
-                _discard(cache_dir, fresh, sizes)
+        except BuildError:  # a bad input; an interrupted build (signal, crash) keeps its shards for resuming
+            _discard(cache_dir, fresh, sizes)
             raise
 
 
@@ -235,14 +234,11 @@ def _build_locked(config, options, source, key, cache_dir: Path, sizes) -> Build
     manifest = store.read_manifest(cache_dir) if (cache_dir / store.MANIFEST).is_file() else None
     for leftover in cache_dir.rglob("*" + store.TMP_SUFFIX):  # from a build killed mid-write
         leftover.unlink()
-    if (cache_dir / store.SPLIT_TABLE).is_file():
-        items = _read_split_table(cache_dir)
-        split_record = manifest["split"] if manifest else None
-    else:
+    if manifest:  # adding sizes: the stored assignment is the one the existing shards follow
+        items, split_record = _read_split_table(cache_dir), manifest["split"]
+    else:  # new or resumed: the assignment is a function of config and source, so recomputing it is safe
         items, split_record = _split_items(source, config)
         _write_split_table(cache_dir, items)
-    if split_record is None:
-        _, split_record = _split_items(source, config)
     known_skipped = manifest["skipped"] if manifest else []
     skipped_paths = {s["path"] for s in known_skipped}
     items = [it for it in items if it.path not in skipped_paths]  # left out before: stay out in every size

@@ -179,7 +179,8 @@ class Trainer:
                 self._set_lr(self.state.lr / 10)
             train_loader, valid_loader, augment = self._stage_data(index)
             train_loader.set_epoch(epoch)
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + self.dist.rank)
+            # Augmentation parameters depend on (seed, epoch, rank) only, so a resumed run replays them exactly.
+            generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 4099 + self.dist.rank)
             stats = train_one_epoch(self.model, train_loader, augment, self.optimizer, self.precision, self.device,
                                     self.dist, generator, desc=f"epoch {epoch + 1}/{cfg.total_epochs} "
                                     f"{stage.size}px", progress=self.progress and self.dist.is_main)
