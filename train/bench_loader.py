@@ -91,7 +91,7 @@ def time_training(loader: CacheLoader, augment: GpuAugment, device, steps: int =
     """Training steps fed by the cached loader + augmentation: images/s and the share of time spent on data
     (waiting for the loader plus augmenting), per model. AMP and channels_last as train.run uses them."""
     from models import build_model
-    from train.loop import Precision
+    from train.loop import Precision, train_step
     precision = Precision.for_device(device, amp=True)
     results = {}
     for name in models:
@@ -113,16 +113,7 @@ def time_training(loader: CacheLoader, augment: GpuAugment, device, steps: int =
                 x = precision.prepare(augment(x))
                 _sync(device)
                 data_s += time.perf_counter() - t0
-                with precision.autocast(device):
-                    loss = torch.nn.functional.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                if precision.scaler is not None:
-                    precision.scaler.scale(loss).backward()
-                    precision.scaler.step(opt)
-                    precision.scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
+                train_step(model, x, y, opt, precision, device)
                 images += x.shape[0]
                 done += 1
                 if done >= steps + warmup_steps:

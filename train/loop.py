@@ -53,6 +53,23 @@ class EpochStats:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
+def train_step(model, x: torch.Tensor, labels: torch.Tensor, optimizer, precision: Precision,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on a prepared batch; returns (loss, logits), still on the device."""
+    with precision.autocast(device):
+        logits = model(x)
+        loss = F.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    if precision.scaler is not None:
+        precision.scaler.scale(loss).backward()
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss, logits
+
+
 def train_one_epoch(model, loader: CacheLoader, augment: GpuAugment, optimizer, precision: Precision,
                     device: torch.device, dist: Dist, generator: torch.Generator, desc: str = "train",
                     progress: bool = True) -> EpochStats:
@@ -72,17 +89,7 @@ def train_one_epoch(model, loader: CacheLoader, augment: GpuAugment, optimizer, 
             break
         wait_s += time.perf_counter() - t0
         x = precision.prepare(augment.apply(uint8_images, augment.sample(len(labels), generator)))
-        with precision.autocast(device):
-            logits = model(x)
-            loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        if precision.scaler is not None:
-            precision.scaler.scale(loss).backward()
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        loss, logits = train_step(model, x, labels, optimizer, precision, device)
         loss_sum += loss.detach().double() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         images += len(labels)

@@ -25,7 +25,7 @@ from train.augment import GpuAugment
 from train.config import TrainConfig
 from train.distributed import Dist
 from train.loader import CacheLoader
-from train.loop import Precision, loss_and_acc, predict, train_one_epoch
+from train.loop import Precision, loss_and_acc, predict, train_one_epoch, train_step
 
 log = logging.getLogger(__name__)
 METRIC_COLUMNS = ["epoch", "stage", "size", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "epoch_s",
@@ -244,19 +244,17 @@ def estimate_seconds(config: TrainConfig, steps: int = 2) -> tuple[float, list[s
     torch.manual_seed(config.seed)
     model = build_model(config.model, stem=config.stem)
     device = torch.device(config.device)
-    model.to(device)
+    precision = Precision.for_device(device, config.amp)
+    model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     total, lines = 0.0, []
     for stage in config.stages:
-        x = torch.randn(stage.batch_size, 3, stage.size, stage.size, device=device)
+        x = precision.prepare(torch.randn(stage.batch_size, 3, stage.size, stage.size, device=device))
         y = torch.zeros(stage.batch_size, dtype=torch.int64, device=device)
         for i in range(steps + 1):
             if i == 1:
                 start = time.perf_counter()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            train_step(model, x, y, optimizer, precision, device)
         rate = steps * stage.batch_size / (time.perf_counter() - start)
         count = reader.count(stage.size, "train") + reader.count(stage.size, "valid") / 3  # eval ~ 1/3 of a step
         seconds = stage.epochs * count / rate
