@@ -93,10 +93,10 @@ class CacheLoader:
         self.labels, self.paths = meta["labels"].astype(np.int64), meta["paths"]
         self.image_bytes = self.stored_size ** 2 * 3
         self.epoch = 0
-        self.mode, self.placement = self._choose_mode(mode, memory_budget_bytes)
-        budget = memory_budget_bytes if memory_budget_bytes is not None else available_host_bytes() // 2
+        host_budget = memory_budget_bytes if memory_budget_bytes is not None else available_host_bytes() // 2
+        self.mode, self.placement = self._choose_mode(mode, host_budget, memory_budget_bytes)
         # Three windows exist at most (being read, queued, being cut into batches).
-        self.window_images = max(batch_size, budget // (3 * self.image_bytes))
+        self.window_images = max(batch_size, host_budget // (3 * self.image_bytes))
         self.block_images = min(block_images, self.window_images)
         self._data: torch.Tensor | None = None  # resident images (N, S, S, 3) uint8
         self._labels_dev = torch.from_numpy(self.labels).to(self.device)
@@ -106,12 +106,12 @@ class CacheLoader:
 
     # ------------------------------------------------------------------ mode and plan
 
-    def _choose_mode(self, mode: str, budget: int | None) -> tuple[str, str]:
+    def _choose_mode(self, mode: str, host_budget: int, given_budget: int | None) -> tuple[str, str]:
+        """(mode, placement): resident on the device, in pinned or plain host memory, or streaming."""
         total = self.n * self.image_bytes
-        host_budget = budget if budget is not None else available_host_bytes() // 2
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            device_budget = budget if budget is not None else free // 3  # leave room for the model
+            device_budget = given_budget if given_budget is not None else free // 3  # leave room for the model
             if mode in ("auto", "resident") and total <= device_budget:
                 return "resident", "device"
         if mode == "resident" or (mode == "auto" and total <= host_budget):
