@@ -67,9 +67,10 @@ def parity_errors():
 def test_apply_matches_the_reports_cpu_path(parity_errors, path):
     errors = np.asarray(parity_errors[path])
     assert len(errors) >= 48
-    # Measured (real sample): mean ~1.6-1.7, worst ~2.7 levels; the report itself rounds to uint8 after each step.
+    # Measured: real sample, OpenCV path mean 1.64 / worst 2.76, torch path 1.52 / 2.28; synthetic cells 1.48 / 2.40
+    # and 1.42 / 2.26 (0..255 levels). The report itself rounds to uint8 after every step.
     assert errors.mean() < 2.0, errors
-    assert errors.max() < 3.5, errors
+    assert errors.max() < 3.0, errors
 
 
 def _tiny(size=8, stored=12, seed=0):
