@@ -17,7 +17,7 @@ from train.compare import main as compare_main
 from train.config import Stage, TrainConfig
 from train.evaluate import evaluate_run
 from train.run import RunError, check_cpu_recipe, main
-from tests.conftest import patient_folders
+from tests.conftest import REAL_SAMPLE, patient_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,3 +179,15 @@ def test_a_full_recipe_on_cpu_estimates_and_suggests(cache):
                          stages=(Stage(16, 10**6, 4),), device="cpu")
     with pytest.raises(RunError, match=r"(?s)would take about .* h on this CPU.*--stages 64:2 96:1"):
         check_cpu_recipe(config)
+
+
+@pytest.mark.skipif(not REAL_SAMPLE.is_dir(), reason="../shared/data/cnmc-sample not present")
+def test_real_cells_go_through_build_train_and_evaluate(tmp_path, capsys):
+    """The 96 real C-NMC BMPs through the whole pipeline: build, one short run, reports."""
+    report = build(PreprocessConfig(), BuildOptions(sizes=(32,), source=REAL_SAMPLE, cache_root=tmp_path / "cache",
+                                                    progress=False))
+    run_dir = run(["resnet18", "--stages", "32:1"] + common(report.cache_dir, tmp_path / "runs"), capsys)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["splits"]["test"]["per_class"]["hem"]["support"] + \
+        summary["splits"]["test"]["per_class"]["all"]["support"] == len(pd.read_csv(run_dir / "predictions_test.csv"))
+    assert (run_dir / "confusion_test.png").stat().st_size > 10_000
