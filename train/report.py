@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display is needed or assumed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -44,6 +45,11 @@ def plot_curves(metrics: pd.DataFrame, title: str, path: Path) -> None:
                 ax.axvline(first["epoch"] - 0.5, color="gray", ls="--", lw=1)
             ax.annotate(f"{int(first['size'])} px", (first["epoch"] - 0.4, 1.0), xycoords=("data", "axes fraction"),
                         va="top", fontsize=8, color="gray")
+        ax.set_xlim(metrics["epoch"].min() - 0.6, metrics["epoch"].max() + 0.6)  # room for the size labels
+        if len(metrics) <= 20:
+            ax.set_xticks(metrics["epoch"].tolist())
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
