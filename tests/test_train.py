@@ -191,3 +191,17 @@ def test_real_cells_go_through_build_train_and_evaluate(tmp_path, capsys):
     assert summary["splits"]["test"]["per_class"]["hem"]["support"] + \
         summary["splits"]["test"]["per_class"]["all"]["support"] == len(pd.read_csv(run_dir / "predictions_test.csv"))
     assert (run_dir / "confusion_test.png").stat().st_size > 10_000
+
+
+def test_evaluating_one_split_keeps_the_others(cache, tmp_path, capsys):
+    from train.evaluate import main as evaluate_main
+    run_dir = run(["resnet18", "--stages", "16:1"] + common(cache, tmp_path), capsys)
+    before = json.loads((run_dir / "summary.json").read_text())
+    assert evaluate_main([str(run_dir), "--split", "test", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(run_dir)
+    after = json.loads((run_dir / "summary.json").read_text())
+    assert after["best_valid_acc"] == before["best_valid_acc"] is not None
+    assert after["splits"] == before["splits"]
+    assert evaluate_main([str(run_dir), "--split", "valid", "--checkpoint", "last.pt", "--device", "cpu"]) == 0
+    last = json.loads((run_dir / "summary.json").read_text())
+    assert last["checkpoint"] == "last.pt" and set(last["splits"]) == {"valid"}  # no mixing of checkpoints

@@ -79,7 +79,12 @@ def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = N
                            f"{report['accuracy']:.4f})", run_dir / f"confusion_{split}.png", )
     summary = {}
     if dist.is_main:
-        summary = _summary(run_dir, config, state, results)
+        previous_path = run_dir / "summary.json"
+        if previous_path.is_file():  # evaluating one split keeps the others' figures for the same checkpoint
+            previous = json.loads(previous_path.read_text())
+            if (previous.get("checkpoint"), previous.get("checkpoint_epoch")) == (checkpoint, state["epoch"] + 1):
+                results = {**previous.get("splits", {}), **results}
+        summary = _summary(run_dir, config, state, results, checkpoint)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         metrics = run_dir / "metrics.csv"
         if metrics.exists() and len(pd.read_csv(metrics)):
@@ -87,12 +92,13 @@ def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = N
     return summary
 
 
-def _summary(run_dir: Path, config: TrainConfig, state: dict, results: dict) -> dict:
+def _summary(run_dir: Path, config: TrainConfig, state: dict, results: dict, checkpoint: str) -> dict:
     metrics_path = run_dir / "metrics.csv"
     metrics = pd.read_csv(metrics_path) if metrics_path.exists() else pd.DataFrame()
     valid, test = results.get("valid"), results.get("test")
     return {
         "model": config.model,
+        "checkpoint": checkpoint,
         "checkpoint_epoch": state["epoch"] + 1,
         "checkpoint_size": config.stages[state["stage"]].size,
         "best_valid_acc": valid["accuracy"] if valid else None,
