@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from models import build_model
-from pipeline.store import CacheReader
+from pipeline.store import MANIFEST, CacheReader
 from train import checkpoint as ckpt
 from train.augment import GpuAugment
 from train.config import TrainConfig
@@ -35,6 +35,16 @@ def read_run_config(run_dir: Path) -> TrainConfig:
     return TrainConfig.from_dict(json.loads(path.read_text())["config"])
 
 
+def open_run_cache(config: TrainConfig, run_dir: Path) -> CacheReader:
+    """The run's cache, refusing one whose key is no longer the key the run was trained on."""
+    reader = CacheReader(config.cache_dir) if (Path(config.cache_dir) / MANIFEST).is_file() else None
+    key = reader.manifest["key"] if reader else None
+    if key != config.cache_key:
+        raise ckpt.CheckpointError(f"{run_dir} was trained on cache {config.cache_key} at {config.cache_dir}, which "
+                                   f"now holds {key or 'no complete cache'}; rebuild that cache to use the run")
+    return reader
+
+
 def _nan_to_none(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
@@ -46,10 +56,7 @@ def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = N
     config = read_run_config(run_dir)
     state = ckpt.load(run_dir / checkpoint)
     ckpt.check_compatible(state, config.model, config.cache_key, run_dir / checkpoint)
-    reader = CacheReader(config.cache_dir)
-    if reader.manifest["key"] != config.cache_key:
-        raise ckpt.CheckpointError(f"{config.cache_dir} holds cache {reader.manifest['key']}, but the run was trained "
-                                   f"on {config.cache_key}")
+    reader = open_run_cache(config, run_dir)
     dev = torch.device(device or config.device)
     if dev.type == "cuda" and dist.enabled:
         dev = torch.device("cuda", dist.local_rank)

@@ -20,7 +20,7 @@ from pipeline.store import MANIFEST, CacheError, read_manifest
 from train import checkpoint as ckpt
 from train.config import PRESETS, Stage, TrainConfig, parse_lr_drop, parse_stages
 from train.distributed import Dist, broadcast_object, setup, teardown
-from train.evaluate import evaluate_run, read_run_config
+from train.evaluate import evaluate_run, open_run_cache, read_run_config
 from train.trainer import Trainer, estimate_seconds
 
 log = logging.getLogger(__name__)
@@ -143,10 +143,7 @@ def main(argv=None) -> int:
             run_dir = args.resume
             if not (run_dir / "last.pt").is_file():
                 raise RunError(f"{run_dir}: no last.pt to resume from")
-            key = read_manifest(config.cache_dir)["key"] if Path(config.cache_dir, MANIFEST).is_file() else None
-            if key != config.cache_key:
-                raise RunError(f"{run_dir} was trained on cache {config.cache_key} at {config.cache_dir}, which now "
-                               f"holds {key or 'no complete cache'}; rebuild that cache to resume")
+            open_run_cache(config, run_dir)
         else:
             config, full_recipe = resolve_config(args)
             if full_recipe and config.device == "cpu" and not args.force:
