@@ -145,7 +145,12 @@ class CacheLoader:
         return per_rank[self.rank], rows // self.batch_size * self.batch_size
 
     def rows_per_rank(self, epoch: int | None = None) -> int:
-        return len(self.epoch_indices(epoch))
+        """How many rows this rank yields in `epoch`, from the plan alone (no index arrays built)."""
+        if self.mode == "streaming":
+            return self._rank_blocks(self.epoch if epoch is None else epoch)[1]
+        if self.train:
+            return self.n // self.world_size // self.batch_size * self.batch_size
+        return self.n // self.world_size + (self.rank < self.n % self.world_size)  # np.array_split's part sizes
 
     def __len__(self) -> int:
         rows = self.rows_per_rank()
@@ -158,8 +163,7 @@ class CacheLoader:
             if not self.train:
                 return np.array_split(np.arange(self.n), self.world_size)[self.rank]
             perm = _epoch_generator(self.seed, epoch).permutation(self.n)
-            per_rank = self.n // self.world_size // self.batch_size * self.batch_size
-            return perm[self.rank::self.world_size][:per_rank]
+            return perm[self.rank::self.world_size][:self.rows_per_rank(epoch)]
         blocks, rows = self._rank_blocks(epoch)
         parts = [_window_rows(w)[self._window_order(w, epoch)] for w in self._windows(blocks)]
         return np.concatenate(parts or [np.empty(0, np.int64)])[:rows]
@@ -230,7 +234,6 @@ class CacheLoader:
     def _iter_streaming(self):
         blocks, rows = self._rank_blocks(self.epoch)
         windows = self._windows(blocks)
-        order = self.epoch_indices()
         q: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
         thread = threading.Thread(target=self._read_windows, args=(windows, q, stop), daemon=True,
@@ -266,7 +269,6 @@ class CacheLoader:
                 del window_images
             if pending is not None and not self.train:
                 yield self._batch(*pending)
-            assert emitted == len(order), "streaming plan and epoch_indices disagree"
         finally:
             stop.set()
             while thread.is_alive():
