@@ -79,8 +79,12 @@ def main(argv=None) -> int:
                 print("error: --device cuda asked for, but torch sees no CUDA device; use --device cpu",
                       file=sys.stderr)
                 return 2
-        result = bench_loader.run(device=args.device, size=args.size, batch_size=args.batch_size,
-                                  images=args.images, workers=args.workers, train_models=not args.no_training)
+        try:
+            result = bench_loader.run(device=args.device, size=args.size, batch_size=args.batch_size,
+                                      images=args.images, workers=args.workers, train_models=not args.no_training)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         print(bench_loader.report(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

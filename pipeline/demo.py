@@ -18,6 +18,7 @@ import numpy as np
 DEMO_VERSION = 1
 DEMO_FOLDER = "demo-source"
 IMAGE_PX = 450
+LABEL_FOLDERS = ("all", "hem")
 FIXED_MTIME_S = 1546300800  # 2019-01-01T00:00:00Z
 # patients per class and images per patient: 8 x 24 `all` and 6 x 16 `hem` = 288 images, about 2:1 like C-NMC
 PATIENTS = {"all": [(str(p), 24) for p in range(1, 9)], "hem": [(f"H{p}", 16) for p in range(1, 7)]}
@@ -96,18 +97,18 @@ def write_synthetic_source(root: Path, count: int, image_px: int = 96, patients_
     """A quick class-folder source of `count` small images (scaling tests and benchmarks), about 2:1 all:hem,
     named like C-NMC files so the split can group by patient. Files get a fixed modification time."""
     rng = np.random.default_rng(seed)
+    for label in LABEL_FOLDERS:
+        (root / label).mkdir(parents=True, exist_ok=True)
     for i in range(count):
         label = "all" if i % 3 else "hem"
         patient = (f"H{i % patients_per_class}" if label == "hem" else f"{i % patients_per_class}")
-        folder = root / label
-        if i < 3:
-            folder.mkdir(parents=True, exist_ok=True)
         img = np.zeros((image_px, image_px, 3), np.uint8)
         radius = int(image_px * (0.3 if label == "all" else 0.22) * rng.uniform(0.85, 1.15))
         colour = (120, 40, 80) if label == "all" else (160, 90, 120)
         cv2.circle(img, (image_px // 2, image_px // 2), radius, colour, -1)
         img = cv2.add(img, rng.integers(0, 40, img.shape, dtype=np.uint8), mask=(img[:, :, 0] > 0).astype(np.uint8))
-        path = folder / f"UID_{patient}_{i}_1_{label}.bmp"
-        cv2.imwrite(str(path), img)
+        path = root / label / f"UID_{patient}_{i}_1_{label}.bmp"
+        if not cv2.imwrite(str(path), img):
+            raise OSError(f"could not write {path}")
         os.utime(path, (FIXED_MTIME_S, FIXED_MTIME_S))
     return root

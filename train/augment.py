@@ -14,8 +14,8 @@ report's CPU path (tests/test_augment.py):
   brightness/contrast/saturation written as torchvision defines them (Kornia's `ColorJiggle` and its
   `adjust_brightness`/`adjust_contrast`/`adjust_saturation` use other formulas), `kornia.enhance.adjust_hue`.
 - CPU: OpenCV on uint8, per image, in a thread pool. Measured on the 2-core dev machine, one thread, 224 px: the
-  batched torch path costs ~18 ms/img (its RGB->HSV->RGB round trip alone ~16 ms), OpenCV's uint8 path ~0.6 ms
-  (warpAffine ~0.2 ms, uint8 HSV round trip ~0.3 ms). The report's PIL path did hue in uint8 HSV as well.
+  batched torch path costs ~6.8 ms/img, OpenCV's uint8 path ~0.95 ms (warpAffine ~0.27 ms, uint8 HSV round trip
+  ~0.15 ms). The report's PIL path did hue in uint8 HSV as well.
 """
 from __future__ import annotations
 

@@ -53,12 +53,15 @@ def _sync(device: torch.device) -> None:
 def time_report_loader(paths, size, batch_size, workers) -> float:
     loader = torch.utils.data.DataLoader(ReportDataset(paths, size), batch_size=batch_size, shuffle=True,
                                          num_workers=workers, drop_last=False)
+    if len(paths) <= batch_size:
+        raise ValueError(f"--images {len(paths)} gives one batch of {batch_size}; the first batch (worker start-up) "
+                         f"is not timed, so pass --images of at least twice --batch-size")
     it = iter(loader)
-    first = next(it)[0].shape[0]  # worker start-up is not counted
+    next(it)  # worker start-up is not counted
     start, count = time.perf_counter(), 0
     for x, _ in it:
         count += x.shape[0]
-    return count / (time.perf_counter() - start) if count else first / 1e-9
+    return count / (time.perf_counter() - start)
 
 
 def time_cached(loader: CacheLoader, images: int, device, augment: GpuAugment | None = None) -> tuple[float, float]:
