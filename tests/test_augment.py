@@ -49,17 +49,17 @@ def parity_errors():
     """Mean absolute difference (0..255) per parameter set, for the OpenCV (CPU) and torch (CUDA) paths."""
     size, config = 224, PreprocessConfig()
     g = config.geometry(size)
-    aug = GpuAugment(size, g.stored_size, mean=[0.3, 0.25, 0.35], std=[0.3, 0.28, 0.3])
+    augs = {name: GpuAugment(size, g.stored_size, mean=[0.3, 0.25, 0.35], std=[0.3, 0.28, 0.3], backend=name)
+            for name in ("opencv", "torch")}
     gen = torch.Generator().manual_seed(1234)
     errors = {"opencv": [], "torch": []}
     for bgr in originals():
         stored = torch.from_numpy(preprocess_image(bgr, config, (size,))[size]).permute(2, 0, 1)[None]
         for _ in range(6):
-            p = aug.sample(1, gen)
+            p = augs["torch"].sample(1, gen)
             expected = report_train_path(bgr, p, 0, size)
-            errors["opencv"].append(np.abs(unnormalize(aug.apply(stored, p), aug) - expected).mean())
-            torch_out = aug._normalize(aug._apply_torch(stored, p))  # the code CUDA batches run
-            errors["torch"].append(np.abs(unnormalize(torch_out, aug) - expected).mean())
+            for name, aug in augs.items():  # torch on CPU tensors runs the code CUDA batches run
+                errors[name].append(np.abs(unnormalize(aug.apply(stored, p), aug) - expected).mean())
     return errors
 
 
@@ -73,10 +73,10 @@ def test_apply_matches_the_reports_cpu_path(parity_errors, path):
     assert errors.max() < 3.0, errors
 
 
-def _tiny(size=8, stored=12, seed=0):
+def _tiny(size=8, stored=12, seed=0, backend="auto"):
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (4, 3, stored, stored), dtype=torch.uint8, generator=gen)
-    return GpuAugment(size, stored, mean=[0.5] * 3, std=[0.25] * 3), images
+    return GpuAugment(size, stored, mean=[0.5] * 3, std=[0.25] * 3, backend=backend), images
 
 
 def _identity(n: int) -> AugParams:
@@ -87,8 +87,8 @@ def _identity(n: int) -> AugParams:
 
 @pytest.mark.parametrize("path", ["opencv", "torch"])
 def test_identity_params_give_the_eval_crop_and_flips_are_exact(path):
-    aug, images = _tiny()
-    run = (lambda x, p: aug.apply(x, p)) if path == "opencv" else (lambda x, p: aug._normalize(aug._apply_torch(x, p)))
+    aug, images = _tiny(backend=path)
+    run = aug.apply
     p = _identity(4)
     torch.testing.assert_close(run(images, p), aug.eval_transform(images), atol=1e-5, rtol=0)
     p.hflip[:] = True
@@ -99,8 +99,8 @@ def test_identity_params_give_the_eval_crop_and_flips_are_exact(path):
 
 @pytest.mark.parametrize("path", ["opencv", "torch"])
 def test_rotation_is_counter_clockwise_like_torchvision(path):
-    aug, images = _tiny(size=8, stored=8)
-    run = (lambda x, p: aug.apply(x, p)) if path == "opencv" else (lambda x, p: aug._normalize(aug._apply_torch(x, p)))
+    aug, images = _tiny(size=8, stored=8, backend=path)
+    run = aug.apply
     p = _identity(4)
     p.angle_deg[:] = 90.0
     expected = aug.eval_transform(TF.rotate(images, 90.0))
@@ -108,16 +108,30 @@ def test_rotation_is_counter_clockwise_like_torchvision(path):
     torch.testing.assert_close(expected, aug.eval_transform(torch.rot90(images, 1, dims=(-2, -1))))
 
 
-def test_both_paths_agree_on_random_batches():
-    aug, _ = _tiny()
+def test_both_backends_agree_on_random_batches():
     gen = torch.Generator().manual_seed(7)
     images = torch.from_numpy(np.stack([preprocess_image(b, PreprocessConfig(), (64,))[64] for b in originals()[:4]]))
     images = images.permute(0, 3, 1, 2)
-    aug = GpuAugment(64, PreprocessConfig().geometry(64).stored_size, [0.3] * 3, [0.3] * 3)
-    p = aug.sample(4, gen)
-    a = unnormalize(aug.apply(images, p)[None, 0], aug)
-    b = unnormalize(aug._normalize(aug._apply_torch(images, p))[None, 0], aug)
-    assert np.abs(a - b).mean() < 1.5
+    stored = PreprocessConfig().geometry(64).stored_size
+    cv, th = (GpuAugment(64, stored, [0.3] * 3, [0.3] * 3, backend=b) for b in ("opencv", "torch"))
+    p = cv.sample(4, gen)
+    for i in range(4):
+        a, b = unnormalize(cv.apply(images, p)[None, i], cv), unnormalize(th.apply(images, p)[None, i], th)
+        assert np.abs(a - b).mean() < 1.5
+
+
+def test_backend_choice():
+    aug, images = _tiny()
+    assert aug.backend_for(torch.device("cpu")) == "opencv" and aug.backend_for(torch.device("cuda")) == "torch"
+    assert _tiny(backend="torch")[0].backend_for(torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="backend must be one of auto, torch, opencv"):
+        GpuAugment(8, 12, [0.5] * 3, [0.25] * 3, backend="cuda")
+    manifest = {"config": {"max_rotation_deg": 20.0},
+                "sizes": {"8": {"stored_size": 12, "mean": [0.5] * 3, "std": [0.25] * 3}}}
+    assert GpuAugment.from_manifest(manifest, 8, backend="torch").backend == "torch"
+    # the same parameters give the same batch whichever way the torch backend is reached
+    p = aug.sample(4, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_tiny(backend="torch")[0].apply(images, p), _tiny(backend="torch")[0].apply(images, p))
 
 
 def test_sampled_distributions_match_the_report():
@@ -138,8 +152,9 @@ def test_sampled_distributions_match_the_report():
     assert torch.equal(again.angle_deg, p.angle_deg) and torch.equal(again.order, p.order)  # replayable
 
 
-def test_eval_mode_is_deterministic_and_train_mode_is_not():
-    aug, images = _tiny()
+@pytest.mark.parametrize("backend", ["opencv", "torch"])
+def test_eval_mode_is_deterministic_and_train_mode_is_not(backend):
+    aug, images = _tiny(backend=backend)
     aug.eval()
     torch.testing.assert_close(aug(images), aug(images), atol=0, rtol=0)
     torch.testing.assert_close(aug(images), (images[:, :, 2:10, 2:10].float() / 255 - 0.5) / 0.25)
@@ -159,8 +174,9 @@ def test_from_manifest_takes_size_geometry_and_statistics():
         GpuAugment.from_manifest(manifest, 64, AugConfig(max_rotation_deg=30))
 
 
-def test_bad_batches_are_explained():
-    aug, images = _tiny()
+@pytest.mark.parametrize("backend", ["opencv", "torch"])
+def test_bad_batches_are_explained(backend):
+    aug, images = _tiny(backend=backend)
     with pytest.raises(ValueError, match="uint8"):
         aug.apply(images.float(), aug.sample(4))
     with pytest.raises(ValueError, match="12 px"):
@@ -178,5 +194,7 @@ def test_cuda_batches_match_the_cpu_path():
     aug = GpuAugment(64, PreprocessConfig().geometry(64).stored_size, [0.3] * 3, [0.3] * 3)
     p = aug.sample(4, torch.Generator().manual_seed(3))
     on_gpu = aug.to("cuda").apply(images.cuda(), p).cpu()
-    on_cpu = aug.cpu().apply(images, p)
+    on_cpu = aug.cpu().apply(images, p)  # OpenCV
     assert (on_gpu - on_cpu).abs().mean() * 0.3 * 255 < 1.5
+    torch_on_cpu = GpuAugment(64, aug.stored_size, [0.3] * 3, [0.3] * 3, backend="torch").apply(images, p)
+    assert (on_gpu - torch_on_cpu).abs().max() * 0.3 * 255 < 0.05  # the same ops, float32 on either device
