@@ -49,9 +49,12 @@ def test_a_run_writes_every_report(cache, tmp_path, capsys):
                  "confusion_test.png", "predictions_test.csv", "summary.json"]:
         assert (run_dir / name).is_file(), name
     metrics = pd.read_csv(run_dir / "metrics.csv")
-    assert list(metrics.columns[:11]) == ["epoch", "stage", "size", "lr", "train_loss", "train_acc", "valid_loss",
-                                         "valid_acc", "epoch_s", "imgs_per_s", "data_wait"]
+    assert list(metrics.columns[:12]) == ["epoch", "stage", "size", "lr", "train_loss", "train_acc", "valid_loss",
+                                         "valid_acc", "epoch_s", "imgs_per_s", "data_wait", "augment_share"]
     assert metrics["epoch"].tolist() == [1, 2, 3] and metrics["size"].tolist() == [16, 16, 24]
+    # producing batches includes augmenting them; both are measured, not zero
+    assert (metrics["augment_share"] > 0).all() and (metrics["data_wait"] >= metrics["augment_share"]).all()
+    assert (metrics["data_wait"] < 1).all()
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("best_valid_acc", "test_acc", "test_f1_weighted", "epochs", "train_seconds"):
         assert key in summary

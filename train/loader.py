@@ -2,11 +2,14 @@
 
 Two modes, one order:
 - resident (default when the split fits the memory budget): the split is read once, in one contiguous read per
-  shard, into one tensor - on the GPU when the device is CUDA and it fits there, else in (pinned) host memory - and
-  each batch is an index slice of a per-epoch permutation (airbench-style; no per-image Python work at all).
+  shard, into one tensor - on the GPU when the device is CUDA and it fits there (placement "device"), else in
+  ordinary host memory (placement "host") - and each batch is an index slice of a per-epoch permutation
+  (airbench-style; no per-image Python work at all).
 - streaming (when it does not fit, or when asked): contiguous blocks of rows in a per-epoch random order, read by a
-  background thread into windows of a bounded size, each window shuffled and cut into batches; pinned staging and
-  non_blocking copies on CUDA. At most three windows exist at once, so memory stays bounded whatever the cache size.
+  background thread into windows of a bounded size, each window shuffled and cut into batches in that thread. One
+  window and a few batches exist at once, so memory stays bounded whatever the cache size.
+On CUDA a host batch (resident "host", or streaming) is gathered by a background thread into one of three reusable
+pinned buffers and copied non_blocking on a side stream (train/staging.py): the training loop never waits for it.
 
 The order depends only on (seed, epoch) (and rank): permutations are drawn with CPU generators, then moved to the
 device, so a seed means the same order on any device. With world_size > 1 each rank gets a disjoint, equally sized
@@ -21,6 +24,7 @@ import logging
 import os
 import queue
 import threading
+from contextlib import closing
 from dataclasses import dataclass
 
 import h5py
@@ -31,6 +35,8 @@ from pipeline.store import CacheReader
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "resident", "streaming")
+PLACEMENTS = ("auto", "device", "host")
+STAGING_BUFFERS = 3  # pinned batches in flight on CUDA: one being filled, one queued, one being copied
 
 
 def available_host_bytes() -> int:
@@ -73,8 +79,8 @@ class CacheLoader:
 
     def __init__(self, cache: str | os.PathLike | CacheReader, size: int, split: str, batch_size: int, *,
                  device: str | torch.device = "cpu", train: bool = False, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, mode: str = "auto", memory_budget_bytes: int | None = None,
-                 block_images: int = 64):
+                 world_size: int = 1, mode: str = "auto", placement: str = "auto",
+                 memory_budget_bytes: int | None = None, block_images: int = 64):
         self.reader = cache if isinstance(cache, CacheReader) else CacheReader(cache)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -82,6 +88,11 @@ class CacheLoader:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+        if mode == "streaming" and placement == "device":
+            raise ValueError("placement 'device' keeps the whole split on the device; streaming reads it in windows "
+                             "(use mode='resident' or placement='host')")
         self.size, self.split, self.batch_size = size, split, batch_size
         self.device = torch.device(device)
         self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
@@ -94,32 +105,39 @@ class CacheLoader:
         self.image_bytes = self.stored_size ** 2 * 3
         self.epoch = 0
         host_budget = memory_budget_bytes if memory_budget_bytes is not None else available_host_bytes() // 2
-        self.mode, self.placement = self._choose_mode(mode, host_budget, memory_budget_bytes)
-        # Three windows exist at most (being read, queued, being cut into batches).
+        self.mode, self.placement = self._choose_mode(mode, placement, host_budget, memory_budget_bytes)
+        # A window is at most a third of the budget: the one being cut, the staged batches and the reader's
+        # allocations stay well inside it.
         self.window_images = max(batch_size, host_budget // (3 * self.image_bytes))
         self.block_images = min(block_images, self.window_images)
         self._data: torch.Tensor | None = None  # resident images (N, S, S, 3) uint8
         self._labels_dev = torch.from_numpy(self.labels).to(self.device)
+        # Host batches travel through reusable buffers and a side stream on CUDA (a CPU test may switch it on).
+        self._use_staging = self.device.type == "cuda" and self.placement == "host"
         if train and self.rows_per_rank() < batch_size:
             raise ValueError(f"split {split!r} gives {self.rows_per_rank()} images per rank, fewer than one batch of "
                              f"{batch_size}; lower --batch-size")
 
     # ------------------------------------------------------------------ mode and plan
 
-    def _choose_mode(self, mode: str, host_budget: int, given_budget: int | None) -> tuple[str, str]:
-        """(mode, placement): resident on the device, in pinned or plain host memory, or streaming."""
+    def _choose_mode(self, mode: str, placement: str, host_budget: int,
+                     given_budget: int | None) -> tuple[str, str]:
+        """(mode, placement): resident on the device or in host memory, or streaming (through host memory)."""
         total = self.n * self.image_bytes
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and mode != "streaming" and placement != "host":
             free, _ = torch.cuda.mem_get_info(self.device)
             device_budget = given_budget if given_budget is not None else free // 3  # leave room for the model
-            if mode in ("auto", "resident") and total <= device_budget:
+            if total <= device_budget:
                 return "resident", "device"
+            if placement == "device":
+                raise ValueError(f"placement 'device' needs {total / 2**30:.2f} GiB on {self.device}, over its "
+                                 f"budget of {device_budget / 2**30:.2f} GiB; use placement='host' or 'auto'")
         if mode == "resident" or (mode == "auto" and total <= host_budget):
             if mode == "resident" and total > host_budget:
                 log.warning("resident mode asked for %.1f GiB, over the %.1f GiB budget", total / 2**30,
                             host_budget / 2**30)
-            return "resident", "pinned" if self.device.type == "cuda" else "host"
-        return "streaming", "pinned" if self.device.type == "cuda" else "host"
+            return "resident", "host"
+        return "streaming", "host"
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -206,69 +224,85 @@ class CacheLoader:
                 data[offset:offset + count].copy_(torch.from_numpy(host))
                 offset += count
             return data
-        data = torch.empty(shape, dtype=torch.uint8, pin_memory=self.placement == "pinned")
+        # Ordinary memory: batches are gathered into a few pinned buffers, so the split itself needs no pinning.
+        data = torch.empty(shape, dtype=torch.uint8)
         self.reader.read_images_into(self.size, self.split, data.numpy())
         return data
+
+    def _batch_starts(self, rows: int) -> range:
+        """First row of every batch this rank yields (train: full batches only)."""
+        return range(0, rows - self.batch_size + 1 if self.train else rows, self.batch_size)
 
     def _iter_resident(self):
         if self._data is None:
             self._data = self._load_resident()
         idx = torch.from_numpy(self.epoch_indices())
-        idx_dev = idx.to(self.device)
-        for start in range(0, len(idx), self.batch_size):
-            if self.train and start + self.batch_size > len(idx):
-                break
-            sel, sel_dev = idx[start:start + self.batch_size], idx_dev[start:start + self.batch_size]
-            if self.placement == "device":
-                images = self._data[sel_dev]
-            else:
-                images = self._to_device(torch.index_select(self._data, 0, sel))
+        if self._use_staging:
+            yield from self._consume(self._produce_resident, idx)
+            return
+        # Once per epoch; from pinned memory so that even this copy does not wait for queued work.
+        idx_dev = idx.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else idx
+        for start in self._batch_starts(len(idx)):
+            sel_dev = idx_dev[start:start + self.batch_size]
+            images = torch.index_select(self._data, 0, sel_dev)  # device gather, or host gather on a CPU device
             yield images.permute(0, 3, 1, 2), self._labels_dev[sel_dev]
 
-    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return batch
-        # A fresh pinned buffer per batch: the async copy may still read it after we return.
-        return batch.pin_memory().to(self.device, non_blocking=True)
+    def _produce_resident(self, staging, put, stop, idx: torch.Tensor) -> None:
+        """Producer thread: gather each batch of the resident host split into a staging buffer."""
+        labels = torch.from_numpy(self.labels)
+        for start in self._batch_starts(len(idx)):
+            sel = idx[start:start + self.batch_size]
+            slot = staging.acquire(stop)
+            if slot is None:
+                return
+            torch.index_select(self._data, 0, sel, out=staging.images[slot][:len(sel)])
+            torch.index_select(labels, 0, sel, out=staging.labels[slot][:len(sel)])
+            if not put((slot, len(sel))):
+                return
 
     def _iter_streaming(self):
         blocks, rows = self._rank_blocks(self.epoch)
-        windows = self._windows(blocks)
-        q: queue.Queue = queue.Queue(maxsize=1)
+        yield from self._consume(self._produce_streaming, self._windows(blocks), rows)
+
+    def _consume(self, produce, *args):
+        """Run `produce(staging, put, stop, *args)` in a thread; yield the batches it puts, on the device."""
+        from train.staging import Staging
+        shape = (self.stored_size, self.stored_size, 3)
+        staging = Staging(self.batch_size, shape, self.device, STAGING_BUFFERS) if self._use_staging else None
+        q: queue.Queue = queue.Queue(maxsize=STAGING_BUFFERS - 1)
         stop = threading.Event()
-        thread = threading.Thread(target=self._read_windows, args=(windows, q, stop), daemon=True,
-                                  name="cache-reader")
+        done = object()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def run() -> None:
+            try:
+                produce(staging, put, stop, *args)
+                put(done)
+            except BaseException as err:  # handed to the consumer, which re-raises it
+                put(err)
+
+        thread = threading.Thread(target=run, daemon=True, name="cache-batches")
         thread.start()
         try:
-            pending = None  # (images (k, S, S, 3), labels (k,)), k < batch_size: rows carried into the next window
-            emitted = 0
-            for w_index in range(len(windows)):
+            while True:
                 item = q.get()
+                if item is done:
+                    break
                 if isinstance(item, BaseException):
                     raise item
-                window_images, window_rows = item
-                take = self._window_order(windows[w_index], self.epoch)[:max(0, rows - emitted)]
-                emitted += len(take)
-                start = 0
-                if pending is not None:  # complete the carried partial batch first
-                    start = self.batch_size - len(pending[1])
-                    part = take[:start]
-                    pending = (np.concatenate([pending[0], window_images[part]]),
-                               np.concatenate([pending[1], self.labels[window_rows[part]]]))
-                    if len(pending[1]) < self.batch_size:
-                        continue
-                    yield self._batch(*pending)
-                    pending = None
-                for begin in range(start, len(take), self.batch_size):
-                    part = take[begin:begin + self.batch_size]
-                    images, labels = window_images[part], self.labels[window_rows[part]]
-                    if len(part) < self.batch_size:
-                        pending = (images, labels)
-                        break
-                    yield self._batch(images, labels)
-                del window_images
-            if pending is not None and not self.train:
-                yield self._batch(*pending)
+                if staging is not None:
+                    images, labels = staging.send(*item)
+                else:  # a fresh host batch, already where a CPU device wants it
+                    images, labels = (torch.from_numpy(a) for a in item)
+                yield images.permute(0, 3, 1, 2), labels
         finally:
             stop.set()
             while thread.is_alive():
@@ -277,20 +311,54 @@ class CacheLoader:
                 except queue.Empty:
                     thread.join(0.05)
 
-    def _batch(self, images: np.ndarray, labels: np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(images))
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        y = torch.from_numpy(labels).to(self.device, non_blocking=True)
-        return x.permute(0, 3, 1, 2), y
+    def _produce_streaming(self, staging, put, stop, windows: list[list[Block]], rows: int) -> None:
+        """Producer thread: read each window, shuffle it, and gather its rows into batches.
 
-    def _read_windows(self, windows: list[list[Block]], q: queue.Queue, stop: threading.Event) -> None:
-        """Reader thread: one contiguous read per block into a window array; files opened here, closed here."""
-        # One file open at a time, without HDF5's chunk cache (1 MiB per open file by default): blocks are read
-        # whole and never twice, and memory must not grow with the number of shards.
+        A batch may take rows from two windows. With staging the rows go straight into a pinned buffer; without,
+        into a fresh array per batch (the consumer keeps it)."""
+        slot, images, labels, filled, emitted = None, None, None, 0, 0
+        with closing(self._read_windows(windows, stop)) as reads:  # closes the open shard on any exit
+            for window_images, window_rows, window in reads:
+                take = self._window_order(window, self.epoch)[:max(0, rows - emitted)]
+                emitted += len(take)
+                pos = 0
+                while pos < len(take):
+                    if images is None:  # start a batch
+                        if staging is not None:
+                            slot = staging.acquire(stop)
+                            if slot is None:
+                                return
+                            images, labels = staging.images[slot].numpy(), staging.labels[slot].numpy()
+                        else:
+                            images = np.empty((self.batch_size,) + window_images.shape[1:], np.uint8)
+                            labels = np.empty(self.batch_size, np.int64)
+                    part = take[pos:pos + self.batch_size - filled]
+                    # mode="clip": the rows are in range, and "raise" would gather into a temporary first
+                    np.take(window_images, part, axis=0, out=images[filled:filled + len(part)], mode="clip")
+                    labels[filled:filled + len(part)] = self.labels[window_rows[part]]
+                    filled += len(part)
+                    pos += len(part)
+                    if filled == self.batch_size:
+                        if not put((slot, filled) if staging is not None else (images, labels)):
+                            return
+                        slot, images, labels, filled = None, None, None, 0
+                del window_images
+        if filled and not self.train:  # the last, partial batch of an evaluation pass
+            put((slot, filled) if staging is not None else (images[:filled], labels[:filled]))
+        elif slot is not None:
+            staging.release(slot)
+
+    def _read_windows(self, windows: list[list[Block]], stop: threading.Event):
+        """(images (k, S, S, 3) uint8, global rows (k,), window) per window: one contiguous read per block.
+
+        One file open at a time, without HDF5's chunk cache (1 MiB per open file by default): blocks are read whole
+        and never twice, and memory must not grow with the number of shards. Files are opened in the thread that
+        reads them and closed here."""
         open_shard, f = -1, None
         try:
             for window in windows:
+                if stop.is_set():
+                    return
                 rows = _window_rows(window)
                 images = np.empty((len(rows), self.stored_size, self.stored_size, 3), np.uint8)
                 at = 0
@@ -301,16 +369,8 @@ class CacheLoader:
                         f, open_shard = h5py.File(self.shard_paths[b.shard], "r", rdcc_nbytes=0), b.shard
                     f["images"].read_direct(images, np.s_[b.start:b.stop], np.s_[at:at + len(b)])
                     at += len(b)
-                while not stop.is_set():
-                    try:
-                        q.put((images, rows), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-        except BaseException as err:  # handed to the consumer, which re-raises it
-            q.put(err)
+                yield images, rows, window
+                del images
         finally:
             if f is not None:
                 f.close()

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from train.augment import GpuAugment
 from train.distributed import Dist, all_sum, gather_rows
 from train.loader import CacheLoader
+from train.timing import EpochTimer
 
 
 @dataclass
@@ -46,7 +47,8 @@ class EpochStats:
     acc: float
     images: int
     seconds: float
-    data_wait: float  # share of the epoch's wall time spent waiting for the loader
+    data_wait: float  # share of the epoch spent producing batches: waiting for the loader, plus augmentation
+    augment_share: float  # augmentation's part of it
 
     @property
     def imgs_per_s(self) -> float:
@@ -72,37 +74,45 @@ def train_step(model, x: torch.Tensor, labels: torch.Tensor, optimizer, precisio
 
 def train_one_epoch(model, loader: CacheLoader, augment: GpuAugment, optimizer, precision: Precision,
                     device: torch.device, dist: Dist, generator: torch.Generator, desc: str = "train",
-                    progress: bool = True) -> EpochStats:
+                    progress: bool = True, refresh_s: float = 1.0) -> EpochStats:
+    """One pass over `loader`. Nothing here makes the host wait for the device until the epoch ends, but the
+    progress bar's loss, read back at most every `refresh_s` seconds (and never when `progress` is off)."""
     model.train()
     augment.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # device-side sums: no sync per step
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # device-side sums: no sync per step
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    images, wait_s = 0, 0.0
-    start = time.perf_counter()
+    images = 0
+    timer = EpochTimer(device)
+    start = last_refresh = time.perf_counter()
     bar = tqdm(total=len(loader), desc=desc, unit="batch", disable=not progress, leave=False)
     batches = iter(loader)
     while True:
-        t0 = time.perf_counter()
+        timer.data_start()
         try:
             uint8_images, labels = next(batches)
         except StopIteration:
+            timer.discard_step()
             break
-        wait_s += time.perf_counter() - t0
+        timer.batch_ready()
         x = precision.prepare(augment.apply(uint8_images, augment.sample(len(labels), generator)))
+        timer.augmented()
         loss, logits = train_step(model, x, labels, optimizer, precision, device)
-        loss_sum += loss.detach().double() * len(labels)
+        loss_sum += loss.detach().float() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         images += len(labels)
         bar.update()
-        if bar.n % 10 == 1 or bar.n == bar.total:
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images / (time.perf_counter() - start):.0f}")
+        now = time.perf_counter()
+        if progress and (now - last_refresh >= refresh_s or bar.n == bar.total):
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images / (now - start):.0f}")
+            last_refresh = now
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    data_share, augment_share = timer.finish()
     loss_total, correct_total, count = all_sum([loss_sum.item(), float(correct.item()), float(images)], dist, device)
     return EpochStats(loss_total / max(count, 1), correct_total / max(count, 1), int(count), seconds,
-                      wait_s / seconds if seconds > 0 else 0.0)
+                      data_share, augment_share)
 
 
 @torch.no_grad()
@@ -113,14 +123,19 @@ def predict(model, loader: CacheLoader, augment: GpuAugment, precision: Precisio
     augment.eval()
     probs, labels = [], []
     for uint8_images, y in loader:
+        x = precision.prepare(augment(uint8_images))
+        n = len(y)
+        if n < loader.batch_size:  # the last batch: padded to the usual shape, so a compiled model is not rebuilt
+            x = precision.prepare(torch.cat([x, x.new_zeros((loader.batch_size - n, *x.shape[1:]))]))
         with precision.autocast(device):
-            logits = model(precision.prepare(augment(uint8_images)))
-        probs.append(torch.softmax(logits.float(), 1).double())
+            logits = model(x)[:n]  # eval-mode BatchNorm: padding rows change nothing in the others
+        probs.append(torch.softmax(logits.float(), 1))
         labels.append(y)
     c = model.module.fc.out_features if hasattr(model, "module") else model.fc.out_features
-    mine = torch.cat(probs) if probs else torch.empty(0, c, dtype=torch.float64, device=device)
+    mine = torch.cat(probs) if probs else torch.empty(0, c, dtype=torch.float32, device=device)
     mine_labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64, device=device)
-    return gather_rows(mine, dist).cpu().numpy(), gather_rows(mine_labels, dist).cpu().numpy()
+    return (gather_rows(mine, dist).cpu().numpy().astype(np.float64),  # float64 on the host only
+            gather_rows(mine_labels, dist).cpu().numpy())
 
 
 def loss_and_acc(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

@@ -29,7 +29,7 @@ from train.loop import Precision, loss_and_acc, predict, train_one_epoch, train_
 
 log = logging.getLogger(__name__)
 METRIC_COLUMNS = ["epoch", "stage", "size", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "epoch_s",
-                  "imgs_per_s", "data_wait"]
+                  "imgs_per_s", "data_wait", "augment_share"]
 
 
 @dataclass
@@ -78,12 +78,16 @@ class Trainer:
         self.net = build_model(self.config.model, stem=self.config.stem, pretrained=self.config.pretrained)
         self.net.to(self.device, memory_format=torch.channels_last if self.precision.channels_last
                     else torch.contiguous_format)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # a stage's shapes are fixed: pick the fastest kernels once
         self.model = self.net
-        if self.config.compile:
-            self.model = torch.compile(self.model)
         if self.dist.enabled:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.config.compile:
+            # DDP first, then compile: the compiled graph is split at DDP's buckets, so each bucket's gradient
+            # all-reduce starts while the rest of the backward pass is still running.
+            self.model = torch.compile(self.model)
         self.optimizer = self._new_optimizer(self.config.lr)
         self.state = Progress(lr=self.config.lr)
         self.best_weights: dict | None = None  # best-valid weights of the current stage, on the CPU
@@ -109,6 +113,8 @@ class Trainer:
             train = CacheLoader(self.reader, stage.size, "train", stage.batch_size, train=True, **common)
             valid = CacheLoader(self.reader, stage.size, "valid", stage.batch_size, **common)
             augment = GpuAugment.from_manifest(self.reader.manifest, stage.size).to(self.device)
+            if self.config.compile:
+                augment.compile()  # the torch backend's device part; the OpenCV backend (CPU) is not compiled
             self._stage_cache[index] = (train, valid, augment)
         return self._stage_cache[index]
 
@@ -232,7 +238,7 @@ class Trainer:
                 "train_loss": round(stats.loss, 6), "train_acc": round(stats.acc, 6),
                 "valid_loss": round(valid_loss, 6), "valid_acc": round(valid_acc, 6),
                 "epoch_s": round(stats.seconds, 3), "imgs_per_s": round(stats.imgs_per_s, 1),
-                "data_wait": round(stats.data_wait, 4)})
+                "data_wait": round(stats.data_wait, 4), "augment_share": round(stats.augment_share, 4)})
             log.info("epoch %d/%d (%d px): train loss %.4f acc %.4f, valid loss %.4f acc %.4f, %.1f s, %.0f img/s",
                      epoch + 1, self.config.total_epochs, size, stats.loss, stats.acc, valid_loss, valid_acc,
                      stats.seconds, stats.imgs_per_s)

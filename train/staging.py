@@ -1,0 +1,69 @@
+"""Host batches to the device without making the training loop wait: `Staging`.
+
+A producer thread gathers each batch into one of a few reusable pinned buffers (`acquire`, then fill); the training
+thread queues its copy to the device on a side stream (`send`), so the copy overlaps the previous step's compute,
+and makes the compute stream wait for it with an event (a device-side wait; the host goes on). A buffer goes back
+to the producer as soon as its copy is queued; the producer, not the training thread, waits for that copy to finish
+before it writes into the buffer again. No pinning per batch: page-locking fresh memory costs far more than the copy.
+
+On a CPU device the same protocol runs with ordinary buffers and `send` hands out a copy, so the producer/consumer
+logic is exercised by the CPU tests too.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+import torch
+
+
+class Staging:
+    """`count` (images (B, S, S, 3) uint8, labels (B,) int64) host buffers and a side stream for `device`."""
+
+    def __init__(self, batch_size: int, image_shape: tuple[int, ...], device: torch.device, count: int = 3):
+        self.device = device
+        cuda = device.type == "cuda"
+        self.images = [torch.empty((batch_size, *image_shape), dtype=torch.uint8, pin_memory=cuda)
+                       for _ in range(count)]
+        self.labels = [torch.empty(batch_size, dtype=torch.int64, pin_memory=cuda) for _ in range(count)]
+        self._copied: list[torch.cuda.Event | None] = [None] * count  # each buffer's last copy
+        self._stream = torch.cuda.Stream(device) if cuda else None
+        self._free: queue.Queue[int] = queue.Queue()
+        for i in range(count):
+            self._free.put(i)
+
+    def acquire(self, stop: threading.Event) -> int | None:
+        """A free buffer's index, once its last copy has finished (producer side); None once `stop` is set."""
+        while not stop.is_set():
+            try:
+                index = self._free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            event = self._copied[index]
+            if event is not None:
+                event.synchronize()  # the producer thread waits, not the training loop
+            return index
+        return None
+
+    def release(self, index: int) -> None:
+        """Hand back a buffer that was acquired but not sent."""
+        self._free.put(index)
+
+    def send(self, index: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queue the copy of buffer `index`'s first `rows` rows to the device (consumer side); returns the device
+        tensors, ordered before any work queued after this call on the current stream. Never waits."""
+        images, labels = self.images[index][:rows], self.labels[index][:rows]
+        if self._stream is None:
+            out = images.clone(), labels.clone()
+        else:
+            compute = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(self._stream):
+                out = (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+                event = torch.cuda.Event()
+                event.record(self._stream)
+            compute.wait_event(event)
+            for t in out:  # allocated on the side stream, used on the compute stream
+                t.record_stream(compute)
+            self._copied[index] = event
+        self._free.put(index)
+        return out

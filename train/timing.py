@@ -1,0 +1,58 @@
+"""Where a training epoch's time goes, without making the host wait per step: `EpochTimer`.
+
+Each step has three marks: before the loop asks the loader for a batch, when the batch is there, and when
+augmentation has been queued. "Data" is the first mark to the third (waiting for the loader, the copy to the
+device, augmentation), "augment" the second to the third.
+
+On CUDA the marks are events on the compute stream, read once at the end of the epoch (the loop synchronises there
+anyway). An event is timestamped when the GPU reaches it, so the figures are the GPU's view: time the GPU spent
+without training work because the batch was not there yet, plus the augmentation kernels; a host that runs ahead of
+the GPU costs nothing and counts nothing. On the CPU every op runs when it is called, so wall time is the same view.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+class EpochTimer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._marks: list[list] = []  # per step: [data start, batch ready, augmentation queued]
+        self._start = self._mark()
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()  # on the current (compute) stream; returns at once
+        return event
+
+    def data_start(self) -> None:
+        self._marks.append([self._mark()])
+
+    def batch_ready(self) -> None:
+        self._marks[-1].append(self._mark())
+
+    def augmented(self) -> None:
+        self._marks[-1].append(self._mark())
+
+    def discard_step(self) -> None:
+        """Drop the last step's marks (the loader had no batch left)."""
+        self._marks.pop()
+
+    def finish(self) -> tuple[float, float]:
+        """(data share, augmentation share) of the epoch, once, at its end; on CUDA this waits for the GPU."""
+        end = self._mark()
+        if self.cuda:
+            end.synchronize()
+            seconds = lambda a, b: a.elapsed_time(b) / 1e3  # noqa: E731 (milliseconds between events)
+        else:
+            seconds = lambda a, b: b - a  # noqa: E731
+        total = seconds(self._start, end)
+        data = sum(seconds(m[0], m[2]) for m in self._marks)
+        augment = sum(seconds(m[1], m[2]) for m in self._marks)
+        if total <= 0:
+            return 0.0, 0.0
+        return data / total, augment / total
