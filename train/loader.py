@@ -245,7 +245,7 @@ class CacheLoader:
         for start in self._batch_starts(len(idx)):
             sel_dev = idx_dev[start:start + self.batch_size]
             images = torch.index_select(self._data, 0, sel_dev)  # device gather, or host gather on a CPU device
-            yield images.permute(0, 3, 1, 2), self._labels_dev[sel_dev]
+            yield images.permute(0, 3, 1, 2), torch.index_select(self._labels_dev, 0, sel_dev)
 
     def _produce_resident(self, staging, put, stop, idx: torch.Tensor) -> None:
         """Producer thread: gather each batch of the resident host split into a staging buffer."""
