@@ -94,6 +94,8 @@ class GpuAugment(nn.Module):
         # normalisation as one multiply-add: x * scale + shift
         self.register_buffer("scale", 1 / std, persistent=False)
         self.register_buffer("shift", -mean / std, persistent=False)
+        self.register_buffer("gray_weights", torch.tensor(augment_torch.GRAY_WEIGHTS).view(1, 3, 1, 1),
+                             persistent=False)
         self.cpu_threads = cpu_threads or max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
         self._opencv = OpenCvBackend(size, self.cpu_threads)
         self._torch_apply = augment_torch.apply_packed  # replaced by its compiled form in compile()
@@ -174,7 +176,7 @@ class GpuAugment(nn.Module):
             return self._apply_opencv(images, params)
         packed = augment_torch.to_device(augment_torch.pack_params(params, self.size, self.stored_size),
                                          images.device)
-        return self._torch_apply(images, packed, self.size, self.scale, self.shift)
+        return self._torch_apply(images, packed, self.size, self.scale, self.shift, self.gray_weights)
 
     def warp_matrices(self, params: AugParams) -> np.ndarray:
         """(n, 2, 3) float64 maps from output pixel (x, y) to stored-image pixel, pixel centres at integers.

@@ -83,10 +83,12 @@ def to_device(packed: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def apply_packed(images: torch.Tensor, packed: torch.Tensor, size: int, scale: torch.Tensor,
-                 shift: torch.Tensor) -> torch.Tensor:
+                 shift: torch.Tensor, gray_weights: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, S, S) + packed (B, 25) on one device -> normalised float32 (B, 3, size, size).
 
-    `scale` = 1 / std and `shift` = -mean / std, (1, 3, 1, 1): normalisation as one multiply-add.
+    `scale` = 1 / std and `shift` = -mean / std, (1, 3, 1, 1): normalisation as one multiply-add. `gray_weights`
+    (1, 3, 1, 1) = GRAY_WEIGHTS, already on the device: a tensor made here from Python numbers would be a blocking
+    copy from pageable memory on every batch.
     """
     n = images.shape[0]
     theta = packed[:, WARP_COLUMNS].view(n, 2, 3)
@@ -95,7 +97,6 @@ def apply_packed(images: torch.Tensor, packed: torch.Tensor, size: int, scale: t
     grid = F.affine_grid(theta, [n, 3, size, size], align_corners=True)
     x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     x = x * (1 / 255)  # after the warp: fewer pixels than before it
-    gray_weights = x.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)
     for slot in range(LINEAR_SLOTS):
         if slot == LINEAR_SLOTS // 2:
             x = kornia.enhance.adjust_hue(x, packed[:, HUE_COLUMN])
