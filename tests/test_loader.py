@@ -159,5 +159,12 @@ def test_the_benchmarks_training_steps_run(cache_dir):
     from train.bench_loader import time_training
     loader = CacheLoader(cache_dir, SIZE, "train", 8, train=True)
     augment = GpuAugment.from_manifest(store.read_manifest(cache_dir), SIZE).train()
-    result = time_training(loader, augment, torch.device("cpu"), steps=3, models=("resnet18",), warmup_steps=1)
-    assert result["resnet18"]["imgs_per_s"] > 0 and 0 < result["resnet18"]["data_wait_share"] < 1
+    # more steps than an epoch has batches: the fed loop must go on into the next epoch
+    steps = loader.n // 8 + 2
+    result = time_training(loader, augment, torch.device("cpu"), models=("resnet18",), steps=steps, warmup_steps=1)
+    r = result["resnet18"]
+    assert len(loader) < steps and r["images"] == steps * 8 and r["batch_size"] == 8 and r["size"] == SIZE
+    assert np.isfinite(r["resident_imgs_per_s"]) and r["resident_imgs_per_s"] > 0
+    assert np.isfinite(r["fed_imgs_per_s"]) and r["fed_imgs_per_s"] > 0
+    assert r["data_share"] == pytest.approx(1 - r["fed_imgs_per_s"] / r["resident_imgs_per_s"])
+    assert r["data_share"] < 1

@@ -1,12 +1,16 @@
-"""Loader benchmark, one run on the same images (`python -m pipeline.bench --device cpu|cuda ...`).
+"""Loader benchmark, one run on the same images (`python -m train.bench loader --device cpu|cuda ...`).
 
 (a) the report's per-image pipeline (read, CLAHE, unsharp, PIL, torchvision train transforms) through a torch
     DataLoader with `workers` processes; (b) the cached loader alone; (c) the cached loader plus GpuAugment.
-With CUDA it also times ResNet18/50/152 training steps (AMP, channels_last) fed by (c) and the share of step time
-spent waiting for data.
+With CUDA it also times ResNet18/50/152 training steps (AMP, channels_last), on a resident synthetic batch and fed
+by (c), and the data share 1 - fed / resident (`time_training`).
+
+Every timed loop synchronises the device once before and once after, never per step: that is how training runs,
+and the timing helpers here are shared with the GPU check (train/bench_gpu.py).
 """
 from __future__ import annotations
 
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -45,9 +49,26 @@ class ReportDataset(torch.utils.data.Dataset):
         return self.transform(img), int("_all" in self.paths[i].name)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def cycle(loader: CacheLoader):
+    """Batches from `loader` forever, one epoch after another (each with its own order)."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        batches, count = iter(loader), 0
+        try:
+            for batch in batches:
+                count += 1
+                yield batch
+        finally:
+            batches.close()  # a streaming loader stops its reader thread here, even when we stop mid-epoch
+        if count == 0:
+            raise ValueError(f"the loader yields no batch of {loader.batch_size} images")
+        epoch += 1
 
 
 def time_report_loader(paths, size, batch_size, workers) -> float:
@@ -64,67 +85,100 @@ def time_report_loader(paths, size, batch_size, workers) -> float:
     return count / (time.perf_counter() - start)
 
 
-def time_cached(loader: CacheLoader, images: int, device, augment: GpuAugment | None = None) -> tuple[float, float]:
-    """(images/s, seconds spent in augmentation) over at least `images` images, after one warm-up batch."""
-    x, _ = next(iter(loader))
-    if augment is not None:
-        augment(x)
-    _sync(device)
-    count, epoch, aug_s = 0, 1, 0.0
-    start = time.perf_counter()
-    while count < images:
-        loader.set_epoch(epoch)
-        for x, _ in loader:
-            if augment is not None:
-                t = time.perf_counter()
-                out = augment(x)
-                _sync(device)
-                aug_s += time.perf_counter() - t
-                del out
-            count += x.shape[0]
-            if count >= images:
-                break
-        epoch += 1
-    _sync(device)
-    return count / (time.perf_counter() - start), aug_s / count
+def time_steps(step, batches, steps: int, warmup_steps: int, device: torch.device) -> tuple[int, float]:
+    """(images, seconds) of `steps` calls of `step(batch)` (which returns the batch's image count), timed after
+    `warmup_steps` untimed calls.
+
+    The device is synchronised once before and once after the timed loop, never inside it: a sync per step would
+    stop the host from queueing the next step's work while the device runs this one, which training never does.
+    """
+    for _ in range(warmup_steps):
+        step(next(batches))
+    sync(device)
+    images, start = 0, time.perf_counter()
+    for _ in range(steps):
+        images += step(next(batches))
+    sync(device)
+    return images, time.perf_counter() - start
 
 
-def time_training(loader: CacheLoader, augment: GpuAugment, device, steps: int = 30,
-                  models=("resnet18", "resnet50", "resnet152"), warmup_steps: int = 5) -> dict:
-    """Training steps fed by the cached loader + augmentation: images/s and the share of time spent on data
-    (waiting for the loader plus augmenting), per model. AMP and channels_last as train.run uses them."""
+def time_cached(loader: CacheLoader, images: int, device: torch.device, augment: GpuAugment | None = None,
+                generator: torch.Generator | None = None) -> float:
+    """Images/s of the cached loader (plus augmentation, parameters drawn per batch as training does) over at least
+    `images` images, after one warm-up batch."""
+    def step(batch):
+        x, y = batch
+        if augment is not None:
+            augment.apply(x, augment.sample(len(y), generator))
+        return len(y)
+    batches = cycle(loader)
+    try:
+        count, seconds = time_steps(step, batches, max(1, -(-images // loader.batch_size)), 1, device)
+    finally:
+        batches.close()
+    return count / seconds
+
+
+def time_augment(augment: GpuAugment, images: torch.Tensor, calls: int, warmup_calls: int, device: torch.device,
+                 generator: torch.Generator | None = None) -> float:
+    """Seconds per call of augmentation on one resident uint8 batch (B, 3, S, S), parameters drawn per call."""
+    n = images.shape[0]
+
+    def step(x):
+        augment.apply(x, augment.sample(n, generator))
+        return n
+    count, seconds = time_steps(step, itertools.repeat(images), calls, warmup_calls, device)
+    return seconds / (count / n)
+
+
+def time_training(loader: CacheLoader, augment: GpuAugment, device: torch.device,
+                  models=("resnet18", "resnet50", "resnet152"), steps: int = 30, warmup_steps: int = 5,
+                  seed: int = 0) -> dict:
+    """Per model: training-step images/s fed by the loader + augmentation, and on a resident synthetic batch
+    already on the device, both measured here, and the share of the fed step's time that data costs:
+
+        data_share = 1 - fed_imgs_per_s / resident_imgs_per_s
+
+    AMP and channels_last as train.run uses them. The share counts loading and augmentation only where they do not
+    overlap with the model's work (the device waiting, or busy augmenting); noise can make it slightly negative.
+    """
     from models import build_model
     from train.loop import Precision, train_step
     precision = Precision.for_device(device, amp=True)
+    generator = torch.Generator().manual_seed(seed)
+    batch_size, size = loader.batch_size, augment.size
+    # (B, 3, S, S) float, as the augmentation yields it; two classes, as the models' heads
+    x_resident = precision.prepare(torch.randn(batch_size, 3, size, size, device=device))
+    y_resident = torch.randint(0, 2, (batch_size,), device=device)
     results = {}
     for name in models:
-        model = build_model(name).to(device, memory_format=torch.channels_last)
+        model = build_model(name).to(device, memory_format=torch.channels_last if precision.channels_last
+                                     else torch.contiguous_format)
+        model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
-        data_s, done, images, start, epoch = 0.0, 0, 0, None, 0
-        while done < steps + warmup_steps:
-            loader.set_epoch(epoch)
-            batches = iter(loader)
-            while True:
-                if done == warmup_steps:
-                    _sync(device)
-                    start, data_s, images = time.perf_counter(), 0.0, 0
-                t0 = time.perf_counter()
-                try:
-                    x, y = next(batches)
-                except StopIteration:
-                    break
-                x = precision.prepare(augment(x))
-                _sync(device)
-                data_s += time.perf_counter() - t0
-                train_step(model, x, y, opt, precision, device)
-                images += x.shape[0]
-                done += 1
-                if done >= steps + warmup_steps:
-                    break
-            epoch += 1
-        _sync(device)
-        total = time.perf_counter() - start
-        results[name] = {"imgs_per_s": images / total, "data_wait_share": data_s / total}
+
+        def resident_step(batch):
+            train_step(model, batch[0], batch[1], opt, precision, device)
+            return batch_size
+
+        def fed_step(batch):
+            x, y = batch
+            x = precision.prepare(augment.apply(x, augment.sample(len(y), generator)))
+            train_step(model, x, y, opt, precision, device)
+            return len(y)
+
+        count, seconds = time_steps(resident_step, itertools.repeat((x_resident, y_resident)), steps,
+                                    warmup_steps, device)
+        resident = count / seconds
+        batches = cycle(loader)
+        try:
+            images, seconds = time_steps(fed_step, batches, steps, warmup_steps, device)
+        finally:
+            batches.close()
+        fed = images / seconds
+        results[name] = {"resident_imgs_per_s": resident, "fed_imgs_per_s": fed, "data_share": 1 - fed / resident,
+                         "batch_size": batch_size, "size": size, "steps": steps, "images": images,
+                         "amp_dtype": str(precision.amp_dtype).replace("torch.", "") if precision.amp_dtype else None}
         del model, opt
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -134,6 +188,8 @@ def time_training(loader: CacheLoader, augment: GpuAugment, device, steps: int =
 def run(device: str = "cpu", size: int = 224, batch_size: int = 64, images: int = 512, workers: int = 2,
         train_models: bool = True) -> dict:
     device = torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         source, origin = bench_source(tmp / "source", images, tmp / "demo")
@@ -143,17 +199,23 @@ def run(device: str = "cpu", size: int = 224, batch_size: int = 64, images: int 
                        BuildOptions(sizes=(size,), source=source, cache_root=tmp / "cache", progress=False))
         reader = CacheReader(report.cache_dir)
         loader = CacheLoader(reader, size, "train", batch_size, device=device, train=True)
-        cached, _ = time_cached(loader, images, device)
+        cached = time_cached(loader, images, device)
         augment = GpuAugment.from_manifest(reader.manifest, size).to(device).train()
-        cached_aug, aug_s_per_img = time_cached(loader, images, device, augment)
-        threads = augment.cpu_threads if device.type == "cpu" else 1
+        generator = torch.Generator().manual_seed(0)
+        cached_aug = time_cached(loader, images, device, augment, generator)
+        batches = iter(loader)
+        first, _ = next(batches)  # (B, 3, S, S) uint8 on the device
+        batches.close()
+        aug_s_per_img = time_augment(augment, first, max(4, images // batch_size), 2, device, generator) / batch_size
+        threads = augment.cpu_threads if augment.backend_for(device) == "opencv" else 1
         result = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "size": size, "batch_size": batch_size, "images": images, "workers": workers, "origin": origin,
             "loader_mode": f"{loader.mode}/{loader.placement}", "cpu_threads": torch.get_num_threads(),
+            "augment_backend": augment.backend_for(device),
             "seed_imgs_per_s": seed, "cached_imgs_per_s": cached, "cached_aug_imgs_per_s": cached_aug,
             "cached_ratio": cached / seed, "cached_aug_ratio": cached_aug / seed,
-            "aug_ms_per_img_per_thread": aug_s_per_img * 1e3 * threads,
+            "aug_ms_per_img": aug_s_per_img * 1e3, "aug_ms_per_img_per_thread": aug_s_per_img * 1e3 * threads,
         }
         if device.type == "cuda" and train_models:
             result["training"] = time_training(loader, augment, device)
@@ -169,9 +231,10 @@ def report(r: dict) -> str:
         f"{1:>8.2f}x",
         f"  {'(b) cached loader':<52}{r['cached_imgs_per_s']:>10.0f}{r['cached_ratio']:>8.2f}x",
         f"  {'(c) cached loader + augmentation':<52}{r['cached_aug_imgs_per_s']:>10.0f}{r['cached_aug_ratio']:>8.2f}x",
-        f"  augmentation: {r['aug_ms_per_img_per_thread']:.2f} ms per image per thread",
+        f"  augmentation ({r['augment_backend']}): {r['aug_ms_per_img']:.3f} ms per image, "
+        f"{r['aug_ms_per_img_per_thread']:.2f} ms per image per thread",
     ]
     for name, t in r.get("training", {}).items():
-        lines.append(f"  {name} training step fed by (c): {t['imgs_per_s']:.0f} images/s, "
-                     f"data (load + augment) {t['data_wait_share'] * 100:.1f}% of step time")
+        lines.append(f"  {name} training step: {t['resident_imgs_per_s']:.0f} images/s on a resident batch, "
+                     f"{t['fed_imgs_per_s']:.0f} fed by (c); data share {t['data_share'] * 100:.1f}%")
     return "\n".join(lines)

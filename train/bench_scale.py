@@ -1,5 +1,7 @@
-"""Scale benchmark (`python -m pipeline.bench scale`): build seconds, cache bytes, loader images/s and peak RSS
+"""Scale benchmark (`python -m train.bench scale`): build seconds, cache bytes, loader images/s and peak RSS
 on generated data of growing size, each loader measurement in a fresh process so its peak RSS is its own.
+
+`python -m train.bench_scale --measure CACHE ...` is that child process (internal; run by `measure_loader`).
 """
 from __future__ import annotations
 
@@ -143,7 +145,8 @@ def report(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(prog="python -m train.bench_scale",
+                                description="internal: one loader measurement for `python -m train.bench scale`")
     p.add_argument("--measure", type=Path, required=True)
     p.add_argument("--size", type=int, required=True)
     p.add_argument("--mode", required=True)
