@@ -5,6 +5,7 @@ thread and process backends.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -27,9 +28,14 @@ def bench_source(folder: Path, images: int, cache_root: Path) -> tuple[Path, str
     else:
         from pipeline.demo import ensure_demo_source
         originals, origin = sorted(ensure_demo_source(cache_root).rglob("*.bmp")), "synthetic demo images"
+    # Alternate the classes, so that even a small count has both (the real sample is 2:1 all:hem); each copy keeps
+    # its own class.
+    by_class = [[p for p in originals if p.name.endswith("_all.bmp")],
+                [p for p in originals if not p.name.endswith("_all.bmp")]]
+    originals = [p for pair in itertools.zip_longest(*by_class) for p in pair if p is not None]
     for i in range(images):
         src = originals[i % len(originals)]
-        cls = "all" if src.name.endswith("_all.bmp") or i % 2 else "hem"
+        cls = "all" if src.name.endswith("_all.bmp") else "hem"
         dst = folder / cls / f"{i:06d}_{src.name}"
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)

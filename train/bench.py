@@ -1,0 +1,106 @@
+"""Benchmarks that need torch, each printing figures measured in one run (speed targets live here, never in tests).
+
+    python -m train.bench loader [--device cpu|cuda] [--size 224] [--batch-size 64] [--images 512] [--workers 2]
+        the report's per-image loader against the cached loader, alone and with augmentation (and, on CUDA,
+        ResNet training steps on a resident batch and fed by it: the data share)
+    python -m train.bench scale [--counts 1000 4000 16000] [--plot scale.png]
+        build seconds, cache bytes, streaming/resident images/s and peak RSS as the data grows
+    python -m train.bench gpu [--device cuda] [--json gpu.json] [--quick]
+        the one-command GPU check: CUDA tests, augmentation, loader placements, training steps, a compiled demo run;
+        a markdown table for the README; exit code 1 if anything failed
+
+The build benchmark (no torch) is `python -m pipeline.bench build`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{loader,scale,gpu}")
+
+    loader = sub.add_parser("loader", prog="python -m train.bench loader",
+                            help="the report's per-image loader against the cached loader + augmentation",
+                            description="the report's per-image loader against the cached loader + augmentation")
+    loader.add_argument("--device", default="cpu", help="cpu or cuda")
+    loader.add_argument("--size", type=int, default=224)
+    loader.add_argument("--batch-size", type=int, default=64)
+    loader.add_argument("--images", type=int, default=512, help="images per measurement")
+    loader.add_argument("--workers", type=int, default=2, help="DataLoader worker processes for the report's loader")
+    loader.add_argument("--no-training", action="store_true", help="on CUDA, skip the ResNet training steps")
+    loader.add_argument("--json", type=Path, help="also write the figures here")
+
+    scale = sub.add_parser("scale", prog="python -m train.bench scale", help="costs against data size",
+                           description="costs against data size on generated images")
+    scale.add_argument("--counts", type=int, nargs="+", default=[1000, 4000, 16000], help="images per source")
+    scale.add_argument("--size", type=int, default=64, help="cached size (px)")
+    scale.add_argument("--image-px", type=int, default=96, help="side of the generated source images")
+    scale.add_argument("--budget-mib", type=int, default=32, help="streaming memory budget")
+    scale.add_argument("--plot", type=Path, default=Path("scale.png"), help="log-log figure")
+    scale.add_argument("--work-dir", type=Path, help="where the generated data goes (default: the temp folder)")
+    scale.add_argument("--json", type=Path, help="also write the figures here")
+
+    gpu = sub.add_parser("gpu", prog="python -m train.bench gpu", help="the one-command GPU check",
+                         description="CUDA tests, augmentation, loader placements, training steps and a compiled "
+                                     "demo run, each recorded even when another fails")
+    gpu.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --quick: checks the wiring)")
+    gpu.add_argument("--quick", action="store_true",
+                     help="tiny sizes and counts, no pytest, a one-epoch demo without --compile")
+    gpu.add_argument("--work-dir", type=Path, help="where the caches and the demo run go (default: the temp folder)")
+    gpu.add_argument("--json", type=Path, help="also write the figures here")
+    return p
+
+
+def _cuda_missing(device: str) -> bool:
+    if not device.startswith("cuda"):
+        return False
+    import torch
+    if torch.cuda.is_available():
+        return False
+    print(f"error: --device {device} asked for, but torch sees no CUDA device; use --device cpu", file=sys.stderr)
+    return True
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The copied sample has too few patients for a grouped split; the build's warning would repeat each run.
+    logging.getLogger("pipeline.split").setLevel(logging.ERROR)
+    code = 0
+    if args.command == "loader":
+        from train import bench_loader
+        if _cuda_missing(args.device):
+            return 2
+        try:
+            result = bench_loader.run(device=args.device, size=args.size, batch_size=args.batch_size,
+                                      images=args.images, workers=args.workers, train_models=not args.no_training)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(bench_loader.report(result))
+    elif args.command == "scale":
+        from train import bench_scale
+        result = bench_scale.run(counts=args.counts, size=args.size, image_px=args.image_px,
+                                 budget_bytes=args.budget_mib * 2**20, work_dir=args.work_dir, plot=args.plot)
+        print(bench_scale.report(result))
+        print(args.plot)
+    else:
+        from train import bench_gpu
+        if _cuda_missing(args.device):
+            return 2
+        result = bench_gpu.run(device=args.device, quick=args.quick, work_dir=args.work_dir)
+        print(bench_gpu.report(result))
+        code = 0 if result["ok"] else 1
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
