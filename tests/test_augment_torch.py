@@ -138,3 +138,17 @@ def test_cuda_apply_never_synchronizes():
     assert rec.ops["_to_copy"] + rec.ops["copy_"] >= 1
     assert not FORBIDDEN & set(rec.ops)
     torch.testing.assert_close(out.cpu(), _augment().apply(images.cpu(), params), atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compiled_apply_survives_a_stage_switch():
+    """Two sizes through one compiled function, as the 128 -> 224 px stages of train.run --compile: the second
+    compile must trace too (cuDNN's grid sampler could not be traced with symbolic sizes)."""
+    torch._dynamo.reset()
+    for size, stored in [(24, 32), (40, 52)]:
+        eager = _augment(size, stored).to("cuda")
+        compiled = _augment(size, stored).to("cuda").compile()
+        images = _images(16, stored).cuda().contiguous(memory_format=torch.channels_last)
+        params = eager.sample(16, torch.Generator().manual_seed(size))
+        torch.testing.assert_close(compiled.apply(images, params), eager.apply(images, params), atol=1e-3, rtol=0)

@@ -102,5 +102,8 @@ def test_cuda_placements_match_the_cpu_and_never_synchronize(cache_dir, kw):
     images = torch.cat([b[1] for b in batches]).permute(0, 2, 3, 1).cpu().numpy()
     labels = torch.cat([b[2] for b in batches]).cpu().numpy()
     assert batches[0][1].is_cuda and batches[0][2].is_cuda
+    if loader._use_staging:  # a non_blocking copy from pageable memory could still wait; these never are pageable
+        staging = Staging(8, (4, 4, 3), torch.device("cuda"))
+        assert all(t.is_pinned() for t in staging.images + staging.labels)
     np.testing.assert_array_equal(images, on_cpu[0])
     np.testing.assert_array_equal(labels, on_cpu[1])

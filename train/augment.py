@@ -129,7 +129,7 @@ class GpuAugment(nn.Module):
         to miscompile a non_blocking copy of a CPU tensor computed inside a graph). Unlike nn.Module.compile this
         leaves `forward` as it is; the OpenCV backend and eval mode are not affected.
         """
-        self._torch_apply = torch.compile(augment_torch.apply_packed, fullgraph=True, **kwargs)
+        self._torch_apply = torch.compile(augment_torch.apply_packed, **{"fullgraph": True, **kwargs})
         return self
 
     # ------------------------------------------------------------------ parameters

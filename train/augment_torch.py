@@ -95,7 +95,10 @@ def apply_packed(images: torch.Tensor, packed: torch.Tensor, size: int, scale: t
     blend = packed[:, BLEND_COLUMNS].view(n, LINEAR_SLOTS, 3, 1, 1, 1)
     # One bilinear resampling for flips, rotation and the centre crop; fill 0 outside, as torchvision's rotate.
     grid = F.affine_grid(theta, [n, 3, size, size], align_corners=True)
-    x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    # F.grid_sample would pick cuDNN's sampler on CUDA (bilinear, zeros, align_corners), which has no fake kernel:
+    # torch.compile cannot trace it with symbolic sizes, so the second stage's recompile failed with fullgraph=True.
+    # grid_sampler_2d (interpolation 0 = bilinear, padding 0 = zeros) is the same op, traceable, any strides.
+    x = torch.grid_sampler_2d(images.float(), grid, 0, 0, True)
     x = x * (1 / 255)  # after the warp: fewer pixels than before it
     for slot in range(LINEAR_SLOTS):
         if slot == LINEAR_SLOTS // 2:

@@ -282,8 +282,16 @@ class CacheLoader:
                     continue
             return False
 
+        # CUDA's current device is per thread and starts at 0: without this, the producer's event waits would open
+        # a context on GPU 0 from every DDP rank (as torch's own pin-memory thread, which sets it too).
+        device_index = torch.cuda.current_device() if self._use_staging and self.device.type == "cuda" else None
+        if device_index is not None and self.device.index is not None:
+            device_index = self.device.index
+
         def run() -> None:
             try:
+                if device_index is not None:
+                    torch.cuda.set_device(device_index)
                 produce(staging, put, stop, *args)
                 put(done)
             except BaseException as err:  # handed to the consumer, which re-raises it

@@ -72,17 +72,45 @@ def train_step(model, x: torch.Tensor, labels: torch.Tensor, optimizer, precisio
     return loss, logits
 
 
+class LossReadout:
+    """The loss for a progress bar, brought back from the device without making the host wait.
+
+    On CUDA a refresh queues a non_blocking copy of the current loss into a pinned scalar and shows the value of an
+    earlier refresh's copy once its event has completed (`Event.query` does not wait), so the bar's loss is at most
+    one refresh old. On the CPU the value is simply read."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros((), pin_memory=True) if self.cuda else None
+        self.copied: torch.cuda.Event | None = None
+        self.value: float | None = None
+
+    def update(self, loss: torch.Tensor) -> float | None:
+        if not self.cuda:
+            self.value = loss.item()
+            return self.value
+        if self.copied is not None and self.copied.query():
+            self.value, self.copied = float(self.host), None  # host memory: nothing waits
+        if self.copied is None:
+            self.host.copy_(loss.detach().float(), non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record(torch.cuda.current_stream(self.device))
+        return self.value
+
+
 def train_one_epoch(model, loader: CacheLoader, augment: GpuAugment, optimizer, precision: Precision,
                     device: torch.device, dist: Dist, generator: torch.Generator, desc: str = "train",
                     progress: bool = True, refresh_s: float = 1.0) -> EpochStats:
-    """One pass over `loader`. Nothing here makes the host wait for the device until the epoch ends, but the
-    progress bar's loss, read back at most every `refresh_s` seconds (and never when `progress` is off)."""
+    """One pass over `loader`. Nothing here makes the host wait for the device until the epoch ends; the progress
+    bar's loss comes back at most every `refresh_s` seconds without a wait (LossReadout), never with progress off."""
     model.train()
     augment.train()
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # device-side sums: no sync per step
     correct = torch.zeros((), dtype=torch.int64, device=device)
     images = 0
     timer = EpochTimer(device)
+    readout = LossReadout(device) if progress else None
     start = last_refresh = time.perf_counter()
     bar = tqdm(total=len(loader), desc=desc, unit="batch", disable=not progress, leave=False)
     batches = iter(loader)
@@ -103,7 +131,8 @@ def train_one_epoch(model, loader: CacheLoader, augment: GpuAugment, optimizer, 
         bar.update()
         now = time.perf_counter()
         if progress and (now - last_refresh >= refresh_s or bar.n == bar.total):
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images / (now - start):.0f}")
+            shown = readout.update(loss)
+            bar.set_postfix(loss="..." if shown is None else f"{shown:.4f}", img_s=f"{images / (now - start):.0f}")
             last_refresh = now
     bar.close()
     if device.type == "cuda":

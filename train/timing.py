@@ -18,6 +18,7 @@ import torch
 
 class EpochTimer:
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
         self._marks: list[list] = []  # per step: [data start, batch ready, augmentation queued]
         self._start = self._mark()
@@ -26,7 +27,7 @@ class EpochTimer:
         if not self.cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
-        event.record()  # on the current (compute) stream; returns at once
+        event.record(torch.cuda.current_stream(self.device))  # the training device's compute stream; returns at once
         return event
 
     def data_start(self) -> None:

@@ -96,7 +96,10 @@ class Trainer:
     # ------------------------------------------------------------------ pieces
 
     def _new_optimizer(self, lr: float):
-        return torch.optim.SGD(self.net.parameters(), lr=lr, momentum=self.config.momentum)
+        # fused on CUDA: one kernel for the update, and with fp16 the grad scaler's inf check stays on the device
+        # (the unfused path reads it back with .item() every step)
+        return torch.optim.SGD(self.net.parameters(), lr=lr, momentum=self.config.momentum,
+                               fused=self.device.type == "cuda")
 
     def _set_lr(self, lr: float) -> None:
         self.state.lr = lr
@@ -107,6 +110,8 @@ class Trainer:
         """(train loader, valid loader, augment) of a stage, made once."""
         if index not in self._stage_cache:
             self._stage_cache.clear()  # one stage's resident data at a time
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # so that the new loaders see the old stage's memory as free
             stage = self.config.stages[index]
             common = dict(device=self.device, rank=self.dist.rank, world_size=self.dist.world_size,
                           seed=self.config.seed)
@@ -183,6 +188,7 @@ class Trainer:
                 self._start_stage(index)
             if epoch + 1 in cfg.lr_drop_epochs:
                 self._set_lr(self.state.lr / 10)
+            train_loader = valid_loader = augment = None  # no reference to the last stage's data while switching
             train_loader, valid_loader, augment = self._stage_data(index)
             train_loader.set_epoch(epoch)
             # Augmentation parameters depend on (seed, epoch, rank) only, so a resumed run replays them exactly.
