@@ -150,7 +150,7 @@ def test_cuda_batches_are_on_the_device(cache_dir, mode):
     loader = CacheLoader(cache_dir, SIZE, "train", 8, device="cuda", train=True, mode=mode)
     images, labels = next(iter(loader))
     assert images.is_cuda and labels.is_cuda and images.dtype == torch.uint8 and labels.dtype == torch.int64
-    assert loader.placement == ("device" if mode == "resident" else "pinned")
+    assert loader.placement == ("device" if mode == "resident" else "host")
 
 
 def test_the_benchmarks_training_steps_run(cache_dir):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from pipeline.store import CacheReader
+from train.staging import Staging
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "resident", "streaming")
@@ -266,7 +267,6 @@ class CacheLoader:
 
     def _consume(self, produce, *args):
         """Run `produce(staging, put, stop, *args)` in a thread; yield the batches it puts, on the device."""
-        from train.staging import Staging
         shape = (self.stored_size, self.stored_size, 3)
         staging = Staging(self.batch_size, shape, self.device, STAGING_BUFFERS) if self._use_staging else None
         q: queue.Queue = queue.Queue(maxsize=STAGING_BUFFERS - 1)
@@ -284,9 +284,9 @@ class CacheLoader:
 
         # CUDA's current device is per thread and starts at 0: without this, the producer's event waits would open
         # a context on GPU 0 from every DDP rank (as torch's own pin-memory thread, which sets it too).
-        device_index = torch.cuda.current_device() if self._use_staging and self.device.type == "cuda" else None
-        if device_index is not None and self.device.index is not None:
-            device_index = self.device.index
+        device_index = None
+        if staging is not None and self.device.type == "cuda":
+            device_index = torch.cuda.current_device() if self.device.index is None else self.device.index
 
         def run() -> None:
             try:
