@@ -27,6 +27,7 @@ def _build_args(argv):
     p.add_argument("--images", type=int, default=1024, help="images in the generated source")
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 224])
     p.add_argument("--json", type=Path, help="also write the figures here")
+    add_progress_flags(p)
     return p.parse_args(argv)
 
 
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     args = _build_args(argv[1:])
     # The copied sample has too few patients for a grouped split; the build's warning would repeat each run.
     logging.getLogger("pipeline.split").setLevel(logging.ERROR)
-    result = bench_build.run(images=args.images, sizes=args.sizes)
+    result = bench_build.run(images=args.images, sizes=args.sizes, progress=args.progress)
     print(bench_build.report(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -6,6 +6,7 @@ thread and process backends.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import shutil
 import tempfile
@@ -17,6 +18,9 @@ import cv2
 from pipeline.build import BuildOptions, build
 from pipeline.config import PreprocessConfig
 from pipeline.preprocess import preprocess_file
+from pipeline.progress import progress_bar
+
+log = logging.getLogger(__name__)
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnmc-sample"
 
@@ -59,8 +63,9 @@ def timed_build(source: Path, cache_root: Path, sizes, jobs: int, backend: str) 
     return time.perf_counter() - start
 
 
-def run(images: int = 384, sizes=(128, 224), work_dir: Path | None = None) -> dict:
+def run(images: int = 384, sizes=(128, 224), work_dir: Path | None = None, progress="off") -> dict:
     sizes = tuple(sizes)
+    bar = progress_bar(progress, 4, "build benchmark", "part", log)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         tmp = Path(tmp)
         source, origin = bench_source(tmp / "source", images, tmp / "demo")
@@ -68,9 +73,12 @@ def run(images: int = 384, sizes=(128, 224), work_dir: Path | None = None) -> di
         config = PreprocessConfig()
         preprocess_file(str(paths[0]), config, sizes)  # warm-up: imports, OpenCV's first-call setup
         bare = bare_opencv_s_per_img(paths, config, sizes)
+        bar.update()
         runs = {}
         for jobs, backend in [(1, "threads"), (2, "threads"), (2, "processes")]:
             runs[(jobs, backend)] = timed_build(source, tmp / "cache", sizes, jobs, backend)
+            bar.update()
+    bar.close()
     one = runs[(1, "threads")]
     return {
         "images": images, "sizes": list(sizes), "origin": origin, "cpu_count": os.cpu_count(),

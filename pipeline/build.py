@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipeline.config import FORMAT_VERSION, PreprocessConfig
 from pipeline.sources import CLASS_NAMES, Item, Source, SourceError, discover
+from pipeline.progress import add_progress_flags, progress_bar
 from pipeline.split import assign_splits
 from pipeline import store
 
@@ -43,7 +44,7 @@ class BuildOptions:
     backend: str = DEFAULT_BACKEND
     on_error: str = "fail"  # or "skip"
     scheduler: str | None = None  # dask scheduler address for backend "dask"; None starts a local cluster
-    progress: bool = True
+    progress: bool | str = "auto"  # pipeline.progress: auto, on, off (True/False: auto/off)
 
 
 @dataclass
@@ -273,13 +274,12 @@ def _write_chunks(config, options, source, cache_dir, chunks: list[Chunk], resul
     """Preprocess every image of `chunks` in parallel; the parent alone writes shards, in order.
 
     Returns (images processed, bytes written)."""
-    from tqdm import tqdm
     tasks = [(str(source.root / it.path), c.todo_sizes) for c in chunks for it in c.items]
     if not tasks:
         return 0, 0
     bytes_written = 0
     outputs = _parallel_results(tasks, config, options.backend, options.jobs, options.scheduler)
-    bar = tqdm(total=len(tasks), unit="img", desc="preprocess", disable=not options.progress)
+    bar = progress_bar(options.progress, len(tasks), "preprocess", "img", log)
     writers: list[store.ShardWriter] = []
     try:
         for chunk in chunks:
@@ -387,7 +387,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-px", type=int, default=d.reference_px, help="image side the crop refers to (px)")
     p.add_argument("--max-rotation-deg", type=float, default=d.max_rotation_deg,
                    help="largest training rotation the stored context must allow")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_flags(p)
     return p.parse_args(argv)
 
 
@@ -413,7 +413,7 @@ def main(argv=None) -> int:
             source = args.source
         options = BuildOptions(sizes=tuple(args.sizes), source=source, cache_root=args.cache_dir, jobs=args.jobs,
                                backend=args.backend, on_error=args.on_error, scheduler=args.scheduler,
-                               progress=not args.no_progress)
+                               progress=args.progress)
         report = build(config, options)
     except (BuildError, ValueError, store.CacheError) as err:
         print(f"error: {err}", file=sys.stderr)

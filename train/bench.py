@@ -19,6 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline.progress import add_progress_flags
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.splitlines()[0],
@@ -35,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     loader.add_argument("--workers", type=int, default=2, help="DataLoader worker processes for the report's loader")
     loader.add_argument("--no-training", action="store_true", help="on CUDA, skip the ResNet training steps")
     loader.add_argument("--json", type=Path, help="also write the figures here")
+    add_progress_flags(loader)
 
     scale = sub.add_parser("scale", prog="python -m train.bench scale", help="costs against data size",
                            description="costs against data size on generated images")
@@ -45,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     scale.add_argument("--plot", type=Path, default=Path("scale.png"), help="log-log figure")
     scale.add_argument("--work-dir", type=Path, help="where the generated data goes (default: the temp folder)")
     scale.add_argument("--json", type=Path, help="also write the figures here")
+    add_progress_flags(scale)
 
     gpu = sub.add_parser("gpu", prog="python -m train.bench gpu", help="the one-command GPU check",
                          description="CUDA tests, augmentation, loader placements, training steps and a compiled "
@@ -54,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="tiny sizes and counts, no pytest, a one-epoch demo without --compile")
     gpu.add_argument("--work-dir", type=Path, help="where the caches and the demo run go (default: the temp folder)")
     gpu.add_argument("--json", type=Path, help="also write the figures here")
+    add_progress_flags(gpu)
     return p
 
 
@@ -79,7 +84,8 @@ def main(argv=None) -> int:
             return 2
         try:
             result = bench_loader.run(device=args.device, size=args.size, batch_size=args.batch_size,
-                                      images=args.images, workers=args.workers, train_models=not args.no_training)
+                                      images=args.images, workers=args.workers, train_models=not args.no_training,
+                                      progress=args.progress)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -87,14 +93,16 @@ def main(argv=None) -> int:
     elif args.command == "scale":
         from train import bench_scale
         result = bench_scale.run(counts=args.counts, size=args.size, image_px=args.image_px,
-                                 budget_bytes=args.budget_mib * 2**20, work_dir=args.work_dir, plot=args.plot)
+                                 budget_bytes=args.budget_mib * 2**20, work_dir=args.work_dir, plot=args.plot,
+                                 progress=args.progress)
         print(bench_scale.report(result))
         print(args.plot)
     else:
         from train import bench_gpu
         if _cuda_missing(args.device):
             return 2
-        result = bench_gpu.run(device=args.device, quick=args.quick, work_dir=args.work_dir)
+        result = bench_gpu.run(device=args.device, quick=args.quick, work_dir=args.work_dir,
+                               progress=args.progress)
         print(bench_gpu.report(result))
         code = 0 if result["ok"] else 1
     if args.json:

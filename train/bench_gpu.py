@@ -32,6 +32,7 @@ import torch
 from pipeline.bench_build import bench_source
 from pipeline.build import BuildOptions, build
 from pipeline.config import PreprocessConfig
+from pipeline.progress import progress_bar
 from pipeline.store import CacheReader
 from train.augment import GpuAugment
 from train.bench_gpu_report import report  # noqa: F401  (the CLI prints train.bench_gpu.report(result))
@@ -273,7 +274,8 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
-def run(device: str = "cuda", quick: bool = False, work_dir: Path | None = None, plan: Plan | None = None) -> dict:
+def run(device: str = "cuda", quick: bool = False, work_dir: Path | None = None, plan: Plan | None = None,
+        progress="off") -> dict:
     device = torch.device(device)
     plan = plan or (QUICK if quick else Plan())
     if device.type == "cuda":
@@ -281,16 +283,23 @@ def run(device: str = "cuda", quick: bool = False, work_dir: Path | None = None,
     start = time.perf_counter()
     result = {**device_info(device), "quick": quick, "plan": asdict(plan), "stages": {}}
     stages = result["stages"]
-    stages["tests"] = _stage(check_tests, plan)  # first, while this process holds no device memory
-    stages["augmentation"] = _stage(check_augmentation, plan, device)
+    bar = progress_bar(progress, 6, "gpu check", "part", log)
+
+    def staged(name, fn, *args):
+        stages[name] = _stage(fn, *args)
+        bar.update()
+
+    staged("tests", check_tests, plan)  # first, while this process holds no device memory
+    staged("augmentation", check_augmentation, plan, device)
     with tempfile.TemporaryDirectory(prefix="gpu-check-", dir=work_dir) as tmp:
         work = Path(tmp)
-        stages["cache"] = _stage(build_cache, plan, work)
+        staged("cache", build_cache, plan, work)
         reader = CacheReader(stages["cache"]["cache_dir"]) if stages["cache"]["status"] == "ok" else None
-        stages["loader"] = _stage(check_loader, plan, device, reader)
-        stages["training"] = _stage(check_training, plan, device, reader)
+        staged("loader", check_loader, plan, device, reader)
+        staged("training", check_training, plan, device, reader)
         _free(device)  # the demo run is another process on the same device
-        stages["demo"] = _stage(check_demo, plan, device, work)
+        staged("demo", check_demo, plan, device, work)
+    bar.close()
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["failed"] = [name for name, s in stages.items() if s["status"] == "failed"]
     result["ok"] = not result["failed"]

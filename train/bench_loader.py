@@ -11,6 +11,7 @@ and the timing helpers here are shared with the GPU check (train/bench_gpu.py).
 from __future__ import annotations
 
 import itertools
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -24,9 +25,13 @@ from pipeline.bench_build import bench_source
 from pipeline.build import BuildOptions, build
 from pipeline.config import PreprocessConfig
 from pipeline.preprocess import enhance, read_bgr
+from pipeline.progress import progress_bar
 from pipeline.store import CacheReader
 from train.augment import GpuAugment
 from train.loader import CacheLoader
+
+
+log = logging.getLogger(__name__)
 
 
 class ReportDataset(torch.utils.data.Dataset):
@@ -186,8 +191,9 @@ def time_training(loader: CacheLoader, augment: GpuAugment, device: torch.device
 
 
 def run(device: str = "cpu", size: int = 224, batch_size: int = 64, images: int = 512, workers: int = 2,
-        train_models: bool = True) -> dict:
+        train_models: bool = True, progress="off") -> dict:
     device = torch.device(device)
+    bar = progress_bar(progress, 5 + (device.type == "cuda" and train_models), "loader benchmark", "part", log)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,18 +201,23 @@ def run(device: str = "cpu", size: int = 224, batch_size: int = 64, images: int 
         source, origin = bench_source(tmp / "source", images, tmp / "demo")
         paths = sorted(source.rglob("*.bmp"))
         seed = time_report_loader(paths, size, batch_size, workers)
+        bar.update()
         report = build(PreprocessConfig(split_fractions=(0.98, 0.01, 0.01)),
                        BuildOptions(sizes=(size,), source=source, cache_root=tmp / "cache", progress=False))
         reader = CacheReader(report.cache_dir)
         loader = CacheLoader(reader, size, "train", batch_size, device=device, train=True)
+        bar.update()
         cached = time_cached(loader, images, device)
+        bar.update()
         augment = GpuAugment.from_manifest(reader.manifest, size).to(device).train()
         generator = torch.Generator().manual_seed(0)
         cached_aug = time_cached(loader, images, device, augment, generator)
+        bar.update()
         batches = iter(loader)
         first, _ = next(batches)  # (B, 3, S, S) uint8 on the device
         batches.close()
         aug_s_per_img = time_augment(augment, first, max(4, images // batch_size), 2, device, generator) / batch_size
+        bar.update()
         threads = augment.cpu_threads if augment.backend_for(device) == "opencv" else 1
         result = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -219,6 +230,8 @@ def run(device: str = "cpu", size: int = 224, batch_size: int = 64, images: int 
         }
         if device.type == "cuda" and train_models:
             result["training"] = time_training(loader, augment, device)
+            bar.update()
+    bar.close()
     return result
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -18,6 +19,9 @@ from pathlib import Path
 from pipeline.build import BuildOptions, build
 from pipeline.config import PreprocessConfig
 from pipeline.demo import write_synthetic_source
+from pipeline.progress import progress_bar
+
+log = logging.getLogger(__name__)
 
 
 def _status_bytes(field: str) -> int:
@@ -81,8 +85,9 @@ def _measure_main(args) -> None:
 
 
 def run(counts=(1000, 4000, 16000), size: int = 64, image_px: int = 96, budget_bytes: int = 32 * 2**20,
-        work_dir: Path | None = None, plot: Path | None = None) -> list[dict]:
+        work_dir: Path | None = None, plot: Path | None = None, progress="off") -> list[dict]:
     rows = []
+    bar = progress_bar(progress, len(counts), "scale benchmark", "source", log)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         for count in counts:
             source = write_synthetic_source(Path(tmp) / f"src-{count}", count, image_px)
@@ -103,6 +108,8 @@ def run(counts=(1000, 4000, 16000), size: int = 64, image_px: int = 96, budget_b
             import shutil
             shutil.rmtree(source)
             shutil.rmtree(report.cache_dir)
+            bar.update()
+    bar.close()
     if plot is not None:
         _plot(rows, plot)
     return rows

@@ -23,7 +23,7 @@ from train.distributed import Dist, setup, teardown
 from train.loader import CacheLoader
 from train.loop import Precision, predict
 from train.metrics import classification_report
-from train.report import plot_confusion, plot_curves, write_predictions
+from train.report import plot_confusion, plot_curves, split_result_lines, write_predictions
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +140,10 @@ def main(argv=None) -> int:
         teardown(dist)
     if dist.is_main:
         for split, report in summary["splits"].items():
-            if report is None:
-                print(f"{split}: unlabelled; predictions in predictions_{split}.csv")
-                continue
-            per_class = ", ".join(f"{name} precision {v['precision']:.4f} recall {v['recall']:.4f}"
-                                  for name, v in report["per_class"].items())
-            print(f"{split}: accuracy {report['accuracy']:.4f}, weighted F1 {report['f1_weighted']:.4f}; {per_class}")
+            if report is not None:
+                print(f"{split}: " + ", ".join(f"{name} precision {v['precision']:.4f} recall {v['recall']:.4f}"
+                                               for name, v in report["per_class"].items()))
+        print("\n".join(split_result_lines(summary)))
         print(args.run_dir)
     return 0
 

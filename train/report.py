@@ -83,3 +83,30 @@ def plot_compare(runs: list[tuple[str, pd.DataFrame]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def result_line(summary: dict) -> str:
+    """One line with a run's result, from its summary.json: what `train.run` prints before the run folder."""
+    test = summary.get("splits", {}).get("test")
+    if test is not None:
+        test_text = f"test acc {test['accuracy']:.4f}, test F1 (weighted) {test['f1_weighted']:.4f}"
+    else:
+        test_text = "test unlabelled" if "test" in summary.get("splits", {}) else "no test split"
+    valid = summary.get("best_valid_acc")
+    valid_text = "no valid split" if valid is None else f"best valid acc {valid:.4f}"
+    return (f"result: {summary['model']}, {valid_text} (epoch {summary['checkpoint_epoch']}, "
+            f"{summary['checkpoint_size']} px), {test_text}, training {summary['train_seconds']:.1f} s")
+
+
+def split_result_lines(summary: dict) -> list[str]:
+    """One line per evaluated split (`train.evaluate`), same figures and names as `result_line`."""
+    head = (f"result: {summary['model']} {summary['checkpoint']} (epoch {summary['checkpoint_epoch']}, "
+            f"{summary['checkpoint_size']} px)")
+    lines = []
+    for split, report in summary.get("splits", {}).items():
+        if report is None:
+            lines.append(f"{head}, {split} unlabelled (predictions_{split}.csv)")
+        else:
+            lines.append(f"{head}, {split} acc {report['accuracy']:.4f}, {split} F1 (weighted) "
+                         f"{report['f1_weighted']:.4f}")
+    return lines

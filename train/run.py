@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 
 from models import MODEL_NAMES, STEMS, ModelError
+from pipeline.progress import add_progress_flags, bars
 from pipeline.store import MANIFEST, CacheError, read_manifest
 from train import checkpoint as ckpt
 from train.config import PRESETS, Stage, TrainConfig, parse_lr_drop, parse_stages
 from train.distributed import Dist, broadcast_object, setup, teardown
 from train.evaluate import evaluate_run, open_run_cache, read_run_config
+from train.report import result_line
 from train.trainer import Trainer, estimate_seconds
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ def parse_args(argv):
     p.add_argument("--stop-after", type=int, metavar="EPOCH",
                    help="stop cleanly after this global epoch (1-based); continue later with --resume")
     p.add_argument("--force", action="store_true", help="run a full recipe on a CPU even if it takes days")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_flags(p)
     return p.parse_args(argv)
 
 
@@ -137,6 +139,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     dist = Dist()
+    summary = None  # the final evaluation's figures, when the run finishes
     try:
         if args.resume:
             config = read_run_config(args.resume)
@@ -151,7 +154,7 @@ def main(argv=None) -> int:
         dist = setup(torch.device(config.device).type)
         if not args.resume:
             run_dir = broadcast_object(new_run_dir(args.out, config.model) if dist.is_main else None, dist)
-        trainer = Trainer(config, Path(run_dir), dist, progress=not args.no_progress)
+        trainer = Trainer(config, Path(run_dir), dist, progress=bars(args.progress))
         if args.resume:
             trainer.resume()
             log.info("resuming %s after epoch %d", run_dir, trainer.state.epoch + 1)
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
         trainer.fit(stop_after_epoch=args.stop_after)
         finished = trainer.state.epoch + 1 >= config.total_epochs
         if finished:
-            evaluate_run(run_dir, device=str(trainer.device), dist=dist)
+            summary = evaluate_run(run_dir, device=str(trainer.device), dist=dist)
         elif dist.is_main:
             print(f"stopped after epoch {trainer.state.epoch + 1} of {config.total_epochs}; continue with "
                   f"python -m train.run {config.model} --resume {run_dir}")
@@ -170,6 +173,8 @@ def main(argv=None) -> int:
     finally:
         teardown(dist)
     if dist.is_main:
+        if summary:
+            print(result_line(summary))
         print(Path(run_dir).resolve())
     return 0
 

@@ -1,0 +1,194 @@
+"""`python -m train.preview`: what the preprocessing and the augmentation do to a few cells, as one PNG grid.
+
+    python -m train.preview --source ../shared/data/cnmc-sample --n 6 --size 224 --out docs/preview.png
+    python -m train.preview --cache cache/<key> --size 128
+
+One row per cell (both classes, labelled with class and patient): the original image, after CLAHE, after unsharp
+masking, the stored (cached) image with the centre training window outlined, the eval view, and four training views
+from GpuAugment with a fixed seed, each with its parameters. With --cache the stored image is read from the cache and
+the preprocessing parameters are the cache's; otherwise both come from the same functions and defaults the build
+uses. It lives in train/ because it draws GpuAugment's views, and pipeline/ never imports train/ or torch.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.config import PreprocessConfig
+from pipeline.preprocess import ImageError, center_crop, clahe_per_channel, enhance, read_bgr, stored_image
+from pipeline.sources import SourceError, discover
+from pipeline.store import CacheError, CacheReader
+from train.augment import OPS, AugParams, GpuAugment
+
+log = logging.getLogger(__name__)
+AUG_VIEWS = 4
+COLUMNS = ("original", "after CLAHE", "after unsharp mask", "stored (train window)", "eval view") + tuple(
+    f"train view {i + 1}" for i in range(AUG_VIEWS))
+CELL_IN = 1.75  # inches per grid cell at 100 dpi: 175 px, legible at 100%
+DPI = 100
+
+
+class PreviewError(ValueError):
+    """Bad arguments or inputs; the message says what to pass instead."""
+
+
+def pick_cells(cells: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """`n` labelled cells, the classes alternating (all, hem, ...) as far as each has cells; chosen by `seed`."""
+    labelled = cells[cells["label"] >= 0]
+    by_class = [labelled[labelled["label"] == c].sample(frac=1, random_state=seed) for c in (1, 0)]
+    if any(len(b) == 0 for b in by_class):
+        raise PreviewError("the source needs labelled cells of both classes (all and hem) for a preview")
+    order = [b.iloc[i] for i in range(n) for b in by_class if i < len(b)][:n]
+    return pd.DataFrame(order).reset_index(drop=True)
+
+
+def _cells_from_source(source: Path) -> tuple[Path, pd.DataFrame]:
+    try:
+        src = discover(source)
+    except SourceError as err:
+        raise PreviewError(str(err)) from err
+    return src.root, pd.DataFrame([{"path": it.path, "label": it.label, "patient": it.patient} for it in src.items])
+
+
+def _cached_image(reader: CacheReader, size: int, rel_path: str) -> np.ndarray:
+    """The stored image of `rel_path` at `size`, read from the cache's shards."""
+    for split in reader.splits:
+        for shard in reader.shard_paths(size, split):
+            with h5py.File(shard, "r") as f:
+                paths = f["paths"].asstr()[()]
+                hits = np.flatnonzero(paths == rel_path)
+                if len(hits):
+                    return f["images"][int(hits[0])]
+    raise PreviewError(f"{rel_path} is not in the cache (left out with --on-error skip?)")
+
+
+def _describe(p: AugParams, i: int) -> str:
+    flips = "".join(name for name, on in (("H", p.hflip[i]), ("V", p.vflip[i])) if on) or "no"
+    order = ">".join(OPS[op][0] for op in p.orders()[i].tolist())
+    return (f"flip {flips}, rot {float(p.angle_deg[i]):+.0f}°\n"
+            f"b {float(p.brightness[i]):.2f} c {float(p.contrast[i]):.2f} s {float(p.saturation[i]):.2f} "
+            f"h {float(p.hue[i]):+.2f}\norder {order}")
+
+
+def cell_panels(bgr: np.ndarray, stored: np.ndarray, config: PreprocessConfig, size: int,
+                generator: torch.Generator) -> tuple[list[np.ndarray], list[str]]:
+    """The row's images (RGB uint8 or float in [0, 1]) and the captions of its training views."""
+    h, w = bgr.shape[:2]
+    if h != w:  # as the build: a non-square image is centre-cropped to a square first
+        bgr = center_crop(bgr, min(h, w))
+    rgb = bgr[:, :, ::-1]
+    clahe = clahe_per_channel(bgr, config.clahe_clip, config.clahe_tiles)[:, :, ::-1]
+    enhanced = enhance(bgr, config)
+    margin = (stored.shape[0] - size) // 2
+    eval_view = stored[margin:margin + size, margin:margin + size]
+    # mean 0, std 1: the augmented views come back in [0, 1], ready to show
+    augment = GpuAugment(size, stored.shape[0], [0.0] * 3, [1.0] * 3, cpu_threads=1)
+    params = augment.sample(AUG_VIEWS, generator)
+    batch = torch.from_numpy(np.ascontiguousarray(stored)).permute(2, 0, 1)[None].expand(AUG_VIEWS, -1, -1, -1)
+    views = augment.apply(batch.contiguous(memory_format=torch.channels_last), params)
+    views = views.permute(0, 2, 3, 1).clamp(0, 1).numpy()
+    return ([rgb, clahe, enhanced, stored, eval_view] + list(views),
+            [_describe(params, i) for i in range(AUG_VIEWS)])
+
+
+def render(rows: list[dict], size: int, out: Path) -> None:
+    """One figure row per cell: rows of {panels, captions, label, margin}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    n_rows, n_cols = len(rows), len(COLUMNS)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * CELL_IN, n_rows * (CELL_IN + 0.45) + 0.3), dpi=DPI,
+                             squeeze=False)
+    for r, row in enumerate(rows):
+        for c, (ax, image) in enumerate(zip(axes[r], row["panels"])):
+            ax.imshow(image, interpolation="nearest" if image.shape[0] <= size else "antialiased")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(COLUMNS[c], fontsize=9)
+            if c == 3:  # the centre window training crops from
+                m = row["margin"]
+                ax.add_patch(Rectangle((m - 0.5, m - 0.5), size, size, fill=False, edgecolor="yellow", lw=1.2))
+            if c >= 5:
+                ax.set_xlabel(row["captions"][c - 5], fontsize=7.5)
+        axes[r][0].set_ylabel(row["label"], fontsize=8)
+    fig.tight_layout(pad=0.4)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def preview(source: Path | None, cache: Path | None, n: int, size: int, seed: int, out: Path) -> list[dict]:
+    """Make the preview PNG at `out`; returns its rows (panels, captions, label) for inspection."""
+    if (source is None) == (cache is None):
+        raise PreviewError("pass --source PATH (a source folder the build understands) or --cache PATH (a cache)")
+    if n < 1 or size < 1:
+        raise PreviewError(f"--n and --size must be >= 1, got {n} and {size}")
+    reader = None
+    if cache is not None:
+        try:
+            reader = CacheReader(cache)
+        except CacheError as err:
+            raise PreviewError(str(err)) from err
+        if str(size) not in reader.manifest["sizes"]:
+            raise PreviewError(f"size {size} is not in {cache} (cached: "
+                               f"{' '.join(sorted(reader.manifest['sizes'], key=int))}); pass one of those as --size")
+        config = PreprocessConfig.from_dict(reader.manifest["config"])
+        root = Path(reader.manifest["source"]["root"])
+        cells = pd.read_csv(Path(cache) / "split.csv", dtype={"patient": str})
+    else:
+        config = PreprocessConfig()
+        root, cells = _cells_from_source(source)
+    geometry = config.geometry(size)
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _, cell in pick_cells(cells, n, seed).iterrows():
+        path = root / cell["path"]
+        try:
+            bgr = read_bgr(path)
+        except ImageError as err:
+            raise PreviewError(f"{path}: {err}") from err
+        if reader is not None:
+            stored = _cached_image(reader, size, cell["path"])
+        else:
+            square = center_crop(bgr, min(bgr.shape[:2]))
+            stored = stored_image(enhance(square, config), geometry, config.reference_px)
+        panels, captions = cell_panels(bgr, stored, config, size, generator)
+        label = f"{'all (leukemic)' if cell['label'] == 1 else 'hem (normal)'}\npatient {cell['patient']}\n" \
+                f"{Path(cell['path']).name}"
+        rows.append({"panels": panels, "captions": captions, "label": label, "margin": geometry.margin})
+    render(rows, size, out)
+    return rows
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="python -m train.preview", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--source", type=Path, help="a source folder in any layout the build understands")
+    src.add_argument("--cache", type=Path, help="a cache folder, cache/<key>: its parameters and stored images")
+    p.add_argument("--n", type=int, default=6, help="cells (rows), both classes")
+    p.add_argument("--size", type=int, default=224, help="training size (px)")
+    p.add_argument("--seed", type=int, default=0, help="which cells, and the training views' parameters")
+    p.add_argument("--out", type=Path, default=Path("preview.png"))
+    args = p.parse_args(argv)
+    try:
+        preview(args.source, args.cache, args.n, args.size, args.seed, args.out)
+    except (PreviewError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(args.out.resolve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
