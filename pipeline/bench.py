@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline.progress import add_progress_flags
+
 # Forms this command used to accept, and where they went.
 MOVED = {
     "scale": "python -m train.bench scale",

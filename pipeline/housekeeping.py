@@ -109,7 +109,8 @@ def plan_prune(cache_root: Path, keep_newest: int | None = None, older_than_days
                          for t in sorted(path.rglob("*" + store.TMP_SUFFIX))]
         locks = cache_root / LOCKS
         if locks.is_dir():
-            plan += [Removal(lock, "stale lock", lock.stat().st_size, lock.stem) for lock in sorted(locks.glob("*.lock"))]
+            plan += [Removal(lock, "stale lock", lock.stat().st_size, lock.stem)
+                     for lock in sorted(locks.glob("*.lock"))]
     return plan
 
 

@@ -1,6 +1,5 @@
 """pipeline.cache rm / prune / list: remove exactly what they list, only inside the cache root, never a locked key."""
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import store
 from tests.test_loader import MODES, SIZE, _open_h5, cache_dir, collect  # noqa: F401 (fixture)
 from train.loader import STAGING_BUFFERS, CacheLoader
 from train.staging import Staging

@@ -65,7 +65,8 @@ def parse_args(argv):
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run where it stopped")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision on CUDA (default on; bf16 where supported, else fp16 + grad scaler)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model and the augmentation (CUDA: its torch backend)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model and the augmentation (CUDA: its torch backend)")
     p.add_argument("--stem", choices=STEMS, default="standard",
                    help="seed: no max-pool after conv1, as the report's code")
     p.add_argument("--pretrained", type=Path, help="initial weights from a local file (head replaced)")
