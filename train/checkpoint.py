@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from pathlib import Path
 
 import torch
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: last.pt carries the stage's best weights too (`best_model`)
+# Fault injection for the kill tests only: "<name>@<epoch>" (e.g. "best.pt@3") makes the process SIGKILL itself right
+# after writing that file for that (1-based) epoch; "<name>.tmp@<epoch>" right before renaming it into place.
+KILL_AT_ENV = "CNMC_TEST_KILL_AT"
 
 
 class CheckpointError(ValueError):
@@ -28,7 +32,23 @@ def cpu_copy(obj):
 def save(state: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
+    _maybe_killed(tmp.name, state)
     os.replace(tmp, path)
+    _maybe_killed(path.name, state)
+
+
+def _maybe_killed(name: str, state: dict) -> None:
+    point = os.environ.get(KILL_AT_ENV)
+    if point and point == f"{name}@{state.get('epoch', -2) + 1}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Delete `*.pt.tmp` files of a write that was interrupted (they never replace a finished checkpoint)."""
+    leftovers = sorted(Path(run_dir).glob("*.pt.tmp"))
+    for path in leftovers:
+        path.unlink()
+    return leftovers
 
 
 def load(path: Path) -> dict:

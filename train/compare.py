@@ -20,15 +20,23 @@ def compare(run_dirs: list[Path], out: Path) -> str:
     rows, curves = [], []
     for run in run_dirs:
         summary_path, metrics_path = run / "summary.json", run / "metrics.csv"
-        if not summary_path.is_file() or not metrics_path.is_file():
-            raise FileNotFoundError(f"{run}: no summary.json/metrics.csv; is the run finished? "
+        if not summary_path.is_file():
+            raise FileNotFoundError(f"{run}: no summary.json; is the run finished? "
                                     f"(python -m train.evaluate {run} writes the summary)")
         summary = json.loads(summary_path.read_text())
+        if summary.get("status", "complete") != "complete":  # a failed run holds no result to compare
+            print(f"skipped {run}: the run {summary.get('status')} ({summary.get('error', 'no reason recorded')})",
+                  file=sys.stderr)
+            continue
+        if not metrics_path.is_file():
+            raise FileNotFoundError(f"{run}: no metrics.csv beside its summary.json")
         metrics = pd.read_csv(metrics_path)
         curves.append((f"{summary['model']} ({run.name})", metrics))
         rows.append(f"| {summary['model']} | {run.name} | {_fmt(summary['best_valid_acc'])} | "
                     f"{_fmt(summary['test_acc'])} | {_fmt(summary['test_f1_weighted'])} | "
                     f"{_fmt(summary['seconds_per_epoch'], 2)} |")
+    if not rows:
+        raise FileNotFoundError("none of the runs finished with a result to compare")
     plot_compare(curves, out)
     header = ["| model | run | best valid acc | test acc | test F1 (weighted) | s/epoch |",
               "|---|---|---|---|---|---|"]

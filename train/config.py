@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 
@@ -56,6 +57,17 @@ def parse_lr_drop(texts: list[str] | None) -> tuple[tuple[int, ...], int | None]
     return tuple(sorted(epochs)), patience
 
 
+def check_numbers(lr: float, momentum: float, seed: int) -> None:
+    """The optimiser's numbers and the seed, each named by its flag; called before anything else is done."""
+    # `not (... > 0)` rather than `<= 0`: NaN fails every comparison, so it must fail the check too
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {lr}")
+    if not (math.isfinite(momentum) and 0 <= momentum < 1):
+        raise ValueError(f"--momentum must be a finite number in [0, 1), got {momentum}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"--seed must be an integer in [0, 2**32), got {seed}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     model: str
@@ -76,8 +88,18 @@ class TrainConfig:
     def __post_init__(self):
         if self.model not in MODEL_NAMES:
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        check_numbers(self.lr, self.momentum, self.seed)
+        if not self.stages:
+            raise ValueError("a run needs at least one stage")
+        for stage in self.stages:
+            for name, value in (("size", stage.size), ("epochs", stage.epochs), ("batch size", stage.batch_size)):
+                if value < 1:
+                    raise ValueError(f"stage {stage.size}:{stage.epochs}:{stage.batch_size}: {name} must be >= 1, "
+                                     f"got {value}")
+        if any(e < 1 for e in self.lr_drop_epochs):
+            raise ValueError(f"--lr-drop epochs must be >= 1, got {list(self.lr_drop_epochs)}")
+        if self.lr_drop_patience is not None and self.lr_drop_patience < 1:
+            raise ValueError(f"--lr-drop plateau:N needs N >= 1, got {self.lr_drop_patience}")
 
     @property
     def total_epochs(self) -> int:

@@ -104,6 +104,7 @@ def _summary(run_dir: Path, config: TrainConfig, state: dict, results: dict, che
     metrics = pd.read_csv(metrics_path) if metrics_path.exists() else pd.DataFrame()
     valid, test = results.get("valid"), results.get("test")
     return {
+        "status": "complete",
         "model": config.model,
         "checkpoint": checkpoint,
         "checkpoint_epoch": state["epoch"] + 1,

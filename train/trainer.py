@@ -2,13 +2,17 @@
 
 Each stage after the first starts from the best-valid weights of the stage before (best.pt) with a fresh optimizer
 at the base learning rate, as the report continued its 128 px models at 224 px. best.pt holds the best-valid
-weights of the current stage; last.pt the end of the last finished epoch. Only rank 0 writes files.
+weights of the current stage; last.pt the end of the last finished epoch, and the stage's best weights as well
+(`best_model`, unless they are the epoch's own), so that last.pt alone is enough to continue: a kill between the two
+writes (best.pt is written first) can leave best.pt one epoch ahead of last.pt, never behind it, and resume rewrites
+best.pt from last.pt whenever the two disagree. Only rank 0 writes files.
 """
 from __future__ import annotations
 
 import csv
 import json
 import logging
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -28,6 +32,12 @@ from train.loader import CacheLoader
 from train.loop import Precision, loss_and_acc, predict, train_one_epoch, train_step
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being a number; nothing of the failing epoch was saved."""
+
+
 METRIC_COLUMNS = ["epoch", "stage", "size", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "epoch_s",
                   "imgs_per_s", "data_wait", "augment_share"]
 
@@ -123,10 +133,12 @@ class Trainer:
             self._stage_cache[index] = (train, valid, augment)
         return self._stage_cache[index]
 
-    def _checkpoint_state(self, stage: int) -> dict:
+    def _checkpoint_state(self, stage: int, with_best: bool = False) -> dict:
+        best_is_current = self.state.best_epoch == self.state.epoch
         return {
             "version": ckpt.CHECKPOINT_VERSION,
             "model": self.net.state_dict(),
+            "best_model": self.best_weights if with_best and not best_is_current else None,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
             "epoch": self.state.epoch,
@@ -162,19 +174,54 @@ class Trainer:
     # ------------------------------------------------------------------ resume
 
     def resume(self) -> None:
-        """Continue from last.pt: weights, optimizer, scaler, schedule, RNG; metrics after it are dropped."""
+        """Continue from last.pt: weights, optimizer, scaler, schedule, RNG, the stage's best weights; metrics after
+        it are dropped, a half-written checkpoint is deleted, and best.pt is rewritten if it disagrees with last.pt."""
         path = self.run_dir / "last.pt"
+        for leftover in ckpt.remove_leftovers(self.run_dir) if self.dist.is_main else []:
+            log.info("removed %s, left by an interrupted checkpoint write", leftover.name)
         state = self._load_weights(path)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.precision.scaler is not None and state["scaler"] is not None:
             self.precision.scaler.load_state_dict(state["scaler"])
         self.state = Progress(**state["progress"])
         torch.set_rng_state(state["rng"]["torch"])
+        self._restore_best(state)
         if self.dist.is_main:
             metrics = self.run_dir / "metrics.csv"
             if metrics.exists():
                 table = pd.read_csv(metrics)
                 table[table["epoch"] <= self.state.epoch + 1].to_csv(metrics, index=False)
+
+    def _restore_best(self, last: dict) -> None:
+        """The stage's best weights from last.pt, and best.pt made to match them."""
+        if self.state.best_epoch < 0:  # no epoch of this stage finished yet
+            return
+        if self.state.best_epoch == self.state.epoch:
+            self.best_weights = ckpt.cpu_copy(last["model"])
+        elif last.get("best_model") is not None:
+            self.best_weights = last["best_model"]
+        else:  # a version 1 checkpoint: the best weights are in best.pt only
+            best = ckpt.load(self.run_dir / "best.pt")
+            if best["epoch"] != self.state.best_epoch:
+                raise ckpt.CheckpointError(
+                    f"{self.run_dir}: last.pt records the best epoch {self.state.best_epoch + 1}, but best.pt holds "
+                    f"epoch {best['epoch'] + 1} (an older checkpoint format, killed between its writes); start a "
+                    f"new run")
+            self.best_weights = best["model"]
+            return
+        best_path = self.run_dir / "best.pt"
+        on_disk = ckpt.load(best_path) if best_path.is_file() else None
+        if on_disk is None or on_disk["epoch"] != self.state.best_epoch or on_disk["stage"] != last["stage"]:
+            if self.dist.is_main:
+                log.info("best.pt %s; rewriting it from last.pt (epoch %d)",
+                         "is missing" if on_disk is None else f"holds epoch {on_disk['epoch'] + 1}",
+                         self.state.best_epoch + 1)
+                current = self.net.state_dict()
+                self.net.load_state_dict(self.best_weights)
+                best_state = {**self._checkpoint_state(last["stage"]), "epoch": self.state.best_epoch,
+                              "progress": {**self.state.as_dict(), "epoch": self.state.best_epoch}}
+                ckpt.save(ckpt.cpu_copy(best_state), best_path)
+                self.net.load_state_dict(current)
 
     # ------------------------------------------------------------------ the run
 
@@ -198,6 +245,7 @@ class Trainer:
                                     f"{stage.size}px", progress=self.progress and self.dist.is_main)
             valid_loss, valid_acc = loss_and_acc(*predict(self.model, valid_loader, augment, self.precision,
                                                           self.device, self.dist))
+            self._check_finite(epoch, stage.size, stats.loss, valid_loss, valid_acc)
             self._after_epoch(epoch, index, stage.size, stats, valid_loss, valid_acc)
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
@@ -205,10 +253,21 @@ class Trainer:
         if self.dist.enabled:
             torch.distributed.barrier()  # every rank may read best.pt once rank 0 has written it
 
+    def _check_finite(self, epoch: int, size: int, train_loss: float, valid_loss: float, valid_acc: float) -> None:
+        """Stop on a NaN or infinite loss (read once per epoch, so no extra wait), before anything is saved."""
+        bad = [(name, value) for name, value in (("training", train_loss), ("validation", valid_loss))
+               if not math.isfinite(value) and not (name == "validation" and math.isnan(valid_acc))]
+        if bad:
+            name, value = bad[0]
+            raise TrainingDiverged(
+                f"epoch {epoch + 1} ({size} px): the {name} loss became {value} at lr {self.state.lr:g}; the run stops "
+                f"here and nothing of this epoch was saved. Start again with a lower --lr (last.pt holds the epoch "
+                f"before, for --resume), or check the cache with python -m pipeline.cache verify")
+
     def _start_stage(self, index: int) -> None:
         if self.best_weights is not None:
             self.net.load_state_dict(self.best_weights)
-        else:  # resumed exactly at a stage boundary: the previous stage's best is on disk
+        else:  # resumed from a version 1 checkpoint exactly at a stage boundary: the previous stage's best is on disk
             self._load_weights(self.run_dir / "best.pt")
         log.info("stage %d: %d px, starting from the best-valid weights of the stage before (epoch %d, acc %.4f)",
                  index + 1, self.config.stages[index].size, self.state.best_epoch + 1, self.state.best_acc)
@@ -236,8 +295,9 @@ class Trainer:
             self._set_lr(s.lr / 10)
             s.since_improve = 0
         if self.dist.is_main:
-            state = self._checkpoint_state(index)
-            items = [(state, self.run_dir / "last.pt")] + ([(state, self.run_dir / "best.pt")] if improved else [])
+            state = self._checkpoint_state(index, with_best=True)
+            # best.pt first: a kill between the two writes leaves best.pt ahead of last.pt, which resume repairs
+            items = ([(state, self.run_dir / "best.pt")] if improved else []) + [(state, self.run_dir / "last.pt")]
             self.writer.submit(items)
             self._append_metrics({
                 "epoch": epoch + 1, "stage": index + 1, "size": size, "lr": lr_used,
