@@ -9,11 +9,40 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import dataclass
 
 FORMAT_VERSION = 1
 # stored_size / context_crop may differ from size / crop by this fraction (0.1%: under 0.15 px at a 224 px edge).
 MAX_SCALE_ERROR = 1e-3
+
+# Limits of the parameters, checked once when a config is made (so a bad flag stops the build before any image is
+# read). Each bound is where a larger value stops meaning anything or costs without limit:
+MAX_CLAHE_CLIP = 256.0  # OpenCV clips at clip * tile_area / 256 counts; from 256 up no bin is ever clipped
+MAX_CLAHE_TILES = 64  # 7 px tiles at 450 px: finer grids equalise noise, and the cost grows with the tile count
+MAX_UNSHARP_SIGMA_PX = 100.0  # its 601 px Gaussian kernel already spans a 450 px image; cost grows with sigma
+MAX_UNSHARP_STRENGTH = 100.0  # far past any useful sharpening (at 10 most edges saturate)
+MAX_ROTATION_DEG = 45.0  # exclusive: geometry_for sizes the margin at the largest angle, covering all smaller ones
+# only while crop * (cos a + sin a) grows with the angle, i.e. below 45 degrees
+# Largest output size even with upscaling allowed: its stored image (~5,300 px with the rotation margin) is ~84 MB.
+MAX_SIZE_PX = 4096
+
+
+def flag_of(name: str) -> str:
+    """The build flag of a config field: `unsharp_sigma` -> `--unsharp-sigma`."""
+    return "--" + name.replace("_", "-")
+
+
+def _number(name: str, value, integer: bool) -> int | float:
+    """`value` as a finite int or float, or a ValueError naming the flag (a bool is not a number here)."""
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(f"{flag_of(name)} ({name}) must be {'a whole number' if integer else 'a number'}, "
+                         f"got {value!r}")
+    value = int(value) if integer else float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{flag_of(name)} ({name}) must be a finite number, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -36,22 +65,59 @@ class PreprocessConfig:
     shard_size: int = 1024
 
     def __post_init__(self) -> None:
+        """Check every field once, naming its flag and the bad value; store ints as int and floats as float.
+
+        The normalised types keep the digest stable (3 and 3.0 give the same key; numpy scalars become JSON-able).
+        """
+        integers = {"clahe_tiles", "crop_px", "reference_px", "split_seed", "shard_size"}
+        for name in ("clahe_clip", "clahe_tiles", "unsharp_sigma", "unsharp_strength", "crop_px", "reference_px",
+                     "max_rotation_deg", "split_seed", "shard_size"):
+            object.__setattr__(self, name, _number(name, getattr(self, name), name in integers))
+        object.__setattr__(self, "split_fractions", _fractions(self.split_fractions))
         checks = [
-            (self.clahe_clip > 0, f"clahe_clip must be > 0, got {self.clahe_clip}"),
-            (self.clahe_tiles >= 1, f"clahe_tiles must be >= 1, got {self.clahe_tiles}"),
-            (self.unsharp_sigma > 0, f"unsharp_sigma must be > 0, got {self.unsharp_sigma}"),
-            (self.unsharp_strength >= 0, f"unsharp_strength must be >= 0, got {self.unsharp_strength}"),
-            (0 < self.crop_px <= self.reference_px,
-             f"crop_px must be in (0, reference_px={self.reference_px}], got {self.crop_px}"),
-            (0 <= self.max_rotation_deg < 45, f"max_rotation_deg must be in [0, 45), got {self.max_rotation_deg}"),
-            (len(self.split_fractions) == 3 and all(f > 0 for f in self.split_fractions)
-             and abs(sum(self.split_fractions) - 1) < 1e-6,
-             f"split_fractions must be three positive numbers summing to 1, got {self.split_fractions}"),
-            (self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}"),
+            ("clahe_clip", 0 < self.clahe_clip <= MAX_CLAHE_CLIP,
+             f"> 0 and <= {MAX_CLAHE_CLIP:g} (from {MAX_CLAHE_CLIP:g} up nothing is clipped)"),
+            ("clahe_tiles", 1 <= self.clahe_tiles <= MAX_CLAHE_TILES, f"from 1 to {MAX_CLAHE_TILES}"),
+            ("unsharp_sigma", 0 < self.unsharp_sigma <= MAX_UNSHARP_SIGMA_PX,
+             f"> 0 and <= {MAX_UNSHARP_SIGMA_PX:g} px"),
+            ("unsharp_strength", 0 <= self.unsharp_strength <= MAX_UNSHARP_STRENGTH,
+             f">= 0 and <= {MAX_UNSHARP_STRENGTH:g}"),
+            ("reference_px", self.reference_px >= 1, ">= 1 px"),
+            ("crop_px", 1 <= self.crop_px <= self.reference_px,
+             f"from 1 to --reference-px ({self.reference_px}) px"),
+            ("max_rotation_deg", 0 <= self.max_rotation_deg < MAX_ROTATION_DEG,
+             f">= 0 and < {MAX_ROTATION_DEG:g} degrees"),
+            ("split_seed", self.split_seed >= 0, ">= 0"),
+            ("shard_size", self.shard_size >= 1, ">= 1 image"),
         ]
-        for ok, message in checks:
+        for name, ok, rule in checks:
             if not ok:
-                raise ValueError(message)
+                raise ValueError(f"{flag_of(name)} ({name}) must be {rule}, got {getattr(self, name)!r}")
+        _context_range(self.crop_px, self.reference_px, self.max_rotation_deg)  # the rotation margin must fit
+
+    def check_sizes(self, sizes, allow_upscale: bool = False) -> tuple[int, ...]:
+        """The requested output sizes, sorted and without repeats, or a ValueError naming `--sizes`.
+
+        By default a size may not exceed `crop_px`: the crop holds `crop_px` source pixels at the reference size, so
+        a larger size would only enlarge them. `allow_upscale` (the build's `--allow-upscale`) lifts that limit up
+        to MAX_SIZE_PX.
+        """
+        sizes = list(sizes)
+        if not sizes:
+            raise ValueError("--sizes needs at least one size in px, e.g. --sizes 128 224")
+        limit = MAX_SIZE_PX if allow_upscale else min(self.crop_px, MAX_SIZE_PX)
+        for size in sizes:
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or not 1 <= size <= MAX_SIZE_PX:
+                raise ValueError(f"--sizes must be whole numbers of px from 1 to {MAX_SIZE_PX}, got {size!r}")
+            if size > limit:
+                raise ValueError(
+                    f"--sizes {size} is larger than the {self.crop_px} px crop (--crop-px at --reference-px "
+                    f"{self.reference_px}), so it would only enlarge the source pixels; use sizes up to "
+                    f"{self.crop_px}, or pass --allow-upscale to allow sizes up to {MAX_SIZE_PX}")
+        sizes = tuple(sorted({int(s) for s in sizes}))
+        for size in sizes:
+            self.geometry(size)
+        return sizes
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -91,6 +157,37 @@ class Geometry:
         return (self.stored_size - self.size) // 2
 
 
+def _fractions(value) -> tuple[float, float, float]:
+    """Three positive finite train/valid/test fractions summing to 1, or a ValueError naming the flag."""
+    rule = f"--split-fractions (split_fractions) must be three positive numbers (train valid test) summing to 1"
+    if not isinstance(value, (tuple, list)) or len(value) != 3:
+        raise ValueError(f"{rule}, got {value!r}")
+    if any(isinstance(f, bool) or not isinstance(f, numbers.Real) for f in value):
+        raise ValueError(f"{rule}, got {tuple(value)!r}")
+    fractions = tuple(float(f) for f in value)
+    if not all(math.isfinite(f) and f > 0 for f in fractions) or abs(sum(fractions) - 1) >= 1e-6:
+        raise ValueError(f"{rule}, got {fractions!r} (sum {sum(fractions):g})")
+    return fractions
+
+
+def _reach(px: float, max_rotation_deg: float) -> float:
+    """Side of the square a `px` window rotated by up to `max_rotation_deg` (< 45) reaches, plus 1 px to sample."""
+    a = math.radians(max_rotation_deg)
+    return px * (math.cos(a) + math.sin(a)) + (1 if max_rotation_deg > 0 else 0)
+
+
+def _context_range(crop_px: int, reference_px: int, max_rotation_deg: float) -> tuple[int, int]:
+    """Smallest and largest margin k (context_crop = crop + 2k) that covers the rotation inside the image."""
+    needed = _reach(crop_px, max_rotation_deg)
+    k_min = max(0, math.ceil((needed - crop_px) / 2))
+    k_max = (reference_px - crop_px) // 2
+    if k_min > k_max:
+        raise ValueError(
+            f"a {crop_px} px crop rotated by {max_rotation_deg:g} degrees needs {needed:.0f} px of context, "
+            f"more than the {reference_px} px image holds; lower --crop-px or --max-rotation-deg")
+    return k_min, k_max
+
+
 def geometry_for(size: int, crop_px: int, reference_px: int, max_rotation_deg: float) -> Geometry:
     """Pick `context_crop` and `stored_size` for one output size.
 
@@ -101,17 +198,10 @@ def geometry_for(size: int, crop_px: int, reference_px: int, max_rotation_deg: f
     m = round(k * size / crop) gives an error in stored_size / context_crop against size / crop under
     MAX_SCALE_ERROR (the smallest such context keeps the cache small: 224 px stores 292 px), else the best one.
     """
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
-    a = math.radians(max_rotation_deg)
-    needed = crop_px * (math.cos(a) + math.sin(a)) + (1 if max_rotation_deg > 0 else 0)
-    k_min = max(0, math.ceil((needed - crop_px) / 2))
-    k_max = (reference_px - crop_px) // 2
-    if k_min > k_max:
-        raise ValueError(
-            f"a {crop_px} px crop rotated by {max_rotation_deg} degrees needs {needed:.0f} px of context, "
-            f"more than the {reference_px} px image holds; lower --crop-px or --max-rotation-deg")
-    stored_needed = size * (math.cos(a) + math.sin(a)) + (1 if max_rotation_deg > 0 else 0)
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or not 1 <= size <= MAX_SIZE_PX:
+        raise ValueError(f"--sizes must be whole numbers of px from 1 to {MAX_SIZE_PX}, got {size!r}")
+    k_min, k_max = _context_range(crop_px, reference_px, max_rotation_deg)
+    stored_needed = _reach(size, max_rotation_deg)
     target = size / crop_px
     best = None
     for k in range(k_min, min(k_max, k_min + 16) + 1):

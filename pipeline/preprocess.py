@@ -6,7 +6,10 @@ so an image is read and enhanced once however many sizes are cached.
 """
 from __future__ import annotations
 
+import errno
+import math
 import os
+import stat
 
 import cv2
 import numpy as np
@@ -14,19 +17,50 @@ import numpy as np
 from pipeline.config import Geometry, PreprocessConfig
 
 
+# An image's crop may be enlarged at most this many times more than the crop of a `reference_px` image is for the
+# same size (for sizes up to crop_px: its crop must have at least half the output size's pixels per side). Below
+# that a tiny or thumbnail file would be blown up into a blur that looks like data (a 4 px image to 224 px).
+MAX_UPSCALE = 2.0
+
+
 class ImageError(ValueError):
     """A source image that cannot be used; the message says why."""
+
+
+def _check_file(path: str) -> None:
+    """ImageError for a path that is not a readable, non-empty regular file (links followed), saying why."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            target = os.fsencode(os.readlink(path)).decode(errors="backslashreplace")
+            raise ImageError(f"broken symbolic link (to {target})")
+        raise ImageError("file is missing")
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ImageError("symbolic link loop (too many levels of symbolic links)")
+        raise ImageError(f"cannot be opened ({err.strerror})")
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError("is a folder, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError("not a regular file (a device, pipe or socket)")
+    if st.st_size == 0:
+        raise ImageError("file is empty (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise ImageError("cannot be opened (permission denied)")
 
 
 def read_bgr(path: str | os.PathLike) -> np.ndarray:
     """Read an 8-bit 3-channel image as BGR (H, W, 3) uint8, or raise ImageError with the reason."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ImageError("file is missing")
-    if os.path.getsize(path) == 0:
-        raise ImageError("file is empty (0 bytes)")
+    _check_file(path)
     # IMREAD_UNCHANGED so a grey or 4-channel file is reported rather than silently converted.
-    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    try:
+        path.encode("utf-8")
+        img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    except UnicodeEncodeError:  # a name that is not UTF-8 crashes cv2.imread: decode the bytes ourselves
+        with open(path, "rb") as f:
+            img = cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise ImageError("not a readable image (truncated or not an image file)")
     if img.dtype != np.uint8:
@@ -84,9 +118,31 @@ def stored_image(rgb: np.ndarray, geometry: Geometry, reference_px: int) -> np.n
     return resize_area(center_crop(rgb, context), geometry.stored_size)
 
 
+def _too_enlarged(image_px: int, size: int, config: PreprocessConfig) -> bool:
+    crop = scaled_side(config.crop_px, image_px, config.reference_px)
+    return size > MAX_UPSCALE * max(1.0, size / config.crop_px) * crop
+
+
+def check_resolution(width_px: int, height_px: int, config: PreprocessConfig, sizes: tuple[int, ...]) -> None:
+    """ImageError if an image this size would be enlarged more than MAX_UPSCALE times past a reference image."""
+    image_px = min(width_px, height_px)
+    for size in sorted(sizes, reverse=True):  # the largest size needs the largest image: name that one
+        if _too_enlarged(image_px, size, config):
+            crop = scaled_side(config.crop_px, image_px, config.reference_px)
+            limit = MAX_UPSCALE * max(1.0, size / config.crop_px)
+            # scaled_side rounds and fixes parity (up to 1.5 px off), so this side is enough for every larger image
+            smallest = math.ceil((size / limit + 1.5) * config.reference_px / config.crop_px)
+            raise ImageError(
+                f"image of {width_px}x{height_px} px is too small for size {size}: its centre crop is {crop} px "
+                f"(the {config.crop_px} px crop of a {config.reference_px} px image, scaled), which would be "
+                f"enlarged {size / crop:.2f}x, more than the {limit:.2f}x allowed; use images of at least "
+                f"{smallest} px or smaller --sizes")
+
+
 def preprocess_image(bgr: np.ndarray, config: PreprocessConfig, sizes: tuple[int, ...]) -> dict[int, np.ndarray]:
     """Enhance once, then cut and resize the stored window for each size."""
     h, w = bgr.shape[:2]
+    check_resolution(w, h, config, sizes)
     if h != w:
         # C-NMC images are square; a non-square one is centre-cropped to a square first, like CenterCrop does.
         bgr = center_crop(bgr, min(h, w))

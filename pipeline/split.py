@@ -61,6 +61,11 @@ def _stratified_images(items: list[Item], fractions, rng: np.random.Generator) -
 
 def assign_splits(items: list[Item], fractions, seed: int) -> tuple[list[str], dict]:
     """Split names for `items` (in order) and a record of how they were made, for the manifest."""
+    unlabelled = [item.path for item in items if item.label not in (0, 1)]
+    if unlabelled:
+        # An unlabelled image in train or valid would stop training much later (target -1 is out of bounds).
+        raise ValueError(f"{len(unlabelled)} images without a label (label -1), e.g. {unlabelled[0]}, cannot be "
+                         f"assigned to train/valid/test; give them a label or list them in a test split")
     rng = np.random.default_rng(seed)
     patients_per_class = defaultdict(set)
     for item in items:
