@@ -2,16 +2,22 @@
 
 The build is resumable and safe to interrupt: shards appear under their final names only when whole, the manifest
 is written last, and a second build of the same key waits on a file lock and then reuses the first one's work.
+A complete cache is reused after a stat of each shard (present, recorded byte size); `--verify` also re-hashes every
+shard, and any shard found missing, resized or changed is rebuilt (the rest is kept).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import errno
 import fcntl
 import hashlib
 import logging
+import os
 import shutil
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,10 +35,29 @@ SPLIT_ORDER = ("train", "valid", "test", "prelim", "final")
 BACKENDS = ("threads", "processes", "dask")
 DEFAULT_BACKEND = "threads"  # see README "Build benchmark": threads beat processes on 2 cores (no array copy-back)
 # "dask" runs the image work on a Dask cluster through joblib's Dask backend (pip install -e '.[cluster]')
+# Preprocessed images held at once between the workers and the shard writer (memory stays bounded at any size): the
+# image work runs in windows of at most this many bytes of results, and never with more workers than images in one.
+RESULT_BUDGET_BYTES = 512 * 2**20
+MAX_WINDOW = 512  # images per window for small sizes (a window's tail leaves workers idle: ~0.1% at 2 jobs)
+# Free space asked for beyond the pixels: HDF5 metadata, labels, paths (measured: under 2 KiB per shard plus 0.1 KiB
+# per image), the manifest and split table, with room to spare.
+SPACE_HEADROOM = 0.02
+SPACE_PER_SHARD_BYTES = 64 * 2**10
+SPACE_PER_IMAGE_BYTES = 1024
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 class BuildError(RuntimeError):
-    """The build stopped; the message names the file or value and what to do."""
+    """The build stopped; the message names the file or value and what to do. Unless `resumable`, what this build
+    wrote is removed (a bad input must not leave a half-made cache)."""
+    resumable = False
+
+
+class StorageError(BuildError):
+    """The cache folder cannot take the output (disk full, read-only, no permission). Finished shards are kept, the
+    temporary one is removed, and the same command resumes once the cause is fixed."""
+    resumable = True
 
 
 @dataclass(frozen=True)
@@ -45,6 +70,7 @@ class BuildOptions:
     on_error: str = "fail"  # or "skip"
     scheduler: str | None = None  # dask scheduler address for backend "dask"; None starts a local cluster
     progress: bool | str = "auto"  # pipeline.progress: auto, on, off (True/False: auto/off)
+    verify: bool = False  # re-hash every shard of a complete cache before reusing it (rebuild the bad ones)
 
 
 @dataclass
@@ -57,13 +83,17 @@ class BuildReport:
     seconds: float = 0.0
     bytes_written: int = 0
     skipped: list = field(default_factory=list)
+    repaired: tuple[str, ...] = ()  # shards rebuilt because they were missing or damaged
 
     def summary(self) -> str:
         if self.reused:
             return f"cache {self.key} is complete for the requested sizes; nothing to do"
         rate = self.images / self.seconds if self.seconds > 0 else 0.0
-        lines = [f"built sizes {list(self.sizes_built)} of cache {self.key}: {self.images} images in "
+        what = f"built sizes {list(self.sizes_built)}" if self.sizes_built else "rebuilt damaged shards"
+        lines = [f"{what} of cache {self.key}: {self.images} images in "
                  f"{self.seconds:.1f} s ({rate:.1f} images/s), {self.bytes_written / 2**20:.1f} MiB written"]
+        if self.repaired:
+            lines.append(f"rebuilt {len(self.repaired)} missing or damaged shard(s): {', '.join(self.repaired)}")
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} unusable images:")
             lines += [f"  {s['path']}: {s['reason']}" for s in self.skipped]
@@ -88,18 +118,49 @@ def key_lock(cache_root: Path, key: str):
         yield
 
 
-def _complete_for(cache_dir: Path, sizes, on_error: str) -> dict | None:
-    """The manifest if the cache already holds every requested size."""
-    if not (cache_dir / store.MANIFEST).is_file():
-        return None
-    manifest = store.read_manifest(cache_dir)
-    if not all(str(s) in manifest["sizes"] for s in sizes):
-        return None
+def _refuse_skipped(manifest: dict, cache_dir: Path, on_error: str) -> None:
     if manifest["skipped"] and on_error == "fail":
         names = ", ".join(s["path"] for s in manifest["skipped"][:5])
         raise BuildError(f"cache {cache_dir} was built with --on-error skip and leaves out {len(manifest['skipped'])}"
                          f" images ({names}); pass --on-error skip to use it, or fix or remove those files")
-    return manifest
+
+
+def _reusable(cache_dir: Path, sizes, on_error: str, verify: bool) -> bool:
+    """The fast path, without the lock and without writing: the cache holds every requested size and each of their
+    shards is present at its recorded byte size (one stat each; with `verify` also its sha256). Anything else goes to
+    the locked build, which looks closer (a damaged manifest, a full checksum pass) and says what it finds."""
+    try:
+        manifest = store.read_manifest(cache_dir)
+    except store.CacheError:
+        return False
+    if not all(str(s) in manifest["sizes"] for s in sizes):
+        return False
+    _refuse_skipped(manifest, cache_dir, on_error)
+    return not store.shard_problems(cache_dir, manifest, sizes, full=verify)
+
+
+def _usable_manifest(cache_dir: Path) -> dict | None:
+    """The manifest, or None when there is none; a damaged one is reported and its folder removed (nothing in it can
+    be trusted: its shards have no checksums to be checked against)."""
+    try:
+        return store.read_manifest(cache_dir)
+    except store.ManifestError as err:
+        log.warning("%s: %s; removing %s and building it again", err.path, err.problem, cache_dir)
+        shutil.rmtree(cache_dir)
+        return None
+    except store.CacheError:  # no manifest: a new build, or one resumed after an interruption
+        return None
+
+
+def _shards_to_rebuild(cache_dir: Path, manifest: dict, sizes, verify: bool) -> set[str]:
+    """Shard files of `sizes` that are missing, resized or (checked with sha256 when `verify` or when a stat found
+    something wrong) changed."""
+    problems = store.shard_problems(cache_dir, manifest, sizes, full=False)
+    if problems or verify:
+        problems = store.shard_problems(cache_dir, manifest, sizes, full=True)
+    for file, why in problems:
+        log.warning("%s: shard %s; rebuilding it", cache_dir / file, why)
+    return {file for file, _ in problems}
 
 
 # ----------------------------------------------------------------------------- split table
@@ -123,15 +184,24 @@ def _write_split_table(cache_dir: Path, items: list[Item]) -> None:
     table = pd.DataFrame([(it.path, it.label, it.patient, it.split) for it in items],
                          columns=["path", "label", "patient", "split"])
     tmp = cache_dir / (store.SPLIT_TABLE + store.TMP_SUFFIX)
-    table.to_csv(tmp, index=False)
-    store.fsync_rename(tmp, cache_dir / store.SPLIT_TABLE)
+    try:
+        table.to_csv(tmp, index=False)
+        store.fsync_rename(tmp, cache_dir / store.SPLIT_TABLE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def _read_split_table(cache_dir: Path) -> list[Item]:
+def _read_split_table(cache_dir: Path) -> list[Item] | None:
+    """The stored assignment, or None (with a warning) when the table is missing or damaged."""
     import pandas as pd
-    table = pd.read_csv(cache_dir / store.SPLIT_TABLE, dtype={"path": str, "patient": str, "split": str},
-                        keep_default_na=False)
-    return [Item(r.path, int(r.label), r.patient, r.split) for r in table.itertuples()]
+    path = cache_dir / store.SPLIT_TABLE
+    try:
+        table = pd.read_csv(path, dtype={"path": str, "patient": str, "split": str}, keep_default_na=False)
+        return [Item(r.path, int(r.label), r.patient, r.split) for r in table.itertuples()]
+    except (OSError, ValueError, AttributeError) as err:  # pandas' parser errors are ValueErrors
+        log.warning("%s cannot be read (%s); making the assignment again from the source and the config", path, err)
+        return None
 
 
 # ----------------------------------------------------------------------------- shard planning
@@ -149,7 +219,7 @@ def _plan(items: list[Item], shard_size: int) -> list[Chunk]:
     by_split: dict[str, list[Item]] = {}
     for item in items:
         by_split.setdefault(item.split, []).append(item)
-    order = sorted(by_split, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), s))
+    order = sorted(by_split, key=lambda s: (_split_rank(s), s))
     return [Chunk(split, i // shard_size, by_split[split][i:i + shard_size])
             for split in order for i in range(0, len(by_split[split]), shard_size)]
 
@@ -167,23 +237,61 @@ def _process(path: str, config: PreprocessConfig, sizes: tuple[int, ...]):
         return False, f"OpenCV could not process it ({str(err).strip().splitlines()[-1]})"
 
 
-def _parallel_results(tasks, config, backend: str, jobs: int, scheduler: str | None = None):
-    """Results of `_process` over `tasks` (path, sizes), in order, through joblib."""
+def _workers(jobs: int) -> int:
+    return jobs if jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + jobs)  # joblib's meaning of -1, -2, ...
+
+
+def _window(task_bytes: int, workers: int) -> tuple[int, int]:
+    """(images per window, workers) so that one window's results fit RESULT_BUDGET_BYTES (at least one image)."""
+    window = max(1, min(max(MAX_WINDOW, 32 * workers), RESULT_BUDGET_BYTES // max(task_bytes, 1)))
+    return window, min(workers, window)
+
+
+def _parallel_results(tasks, config, backend: str, jobs: int, scheduler: str | None = None,
+                      window: int = MAX_WINDOW):
+    """Results of `_process` over `tasks` (path, sizes), in order, through joblib.
+
+    joblib's generator starts a new task whenever one finishes, however far behind the consumer is, so the tasks run
+    in windows of `window` (one joblib call each, on one pool): at most `window` results exist at once. When the
+    consumer stops early (a bad image, an error while writing), the running window is waited for before the pool is
+    shut down: a worker thread still inside OpenCV when the interpreter exits aborts the process ("terminate called
+    without an active exception", SIGABRT) - joblib's own early exit does not wait for its threads."""
+    if jobs == 1 and backend != "dask":
+        for path, sizes in tasks:
+            yield _process(path, config, sizes)
+        return
     import joblib
-    calls = (joblib.delayed(_process)(path, config, sizes) for path, sizes in tasks)
-    if backend == "dask":
-        from pipeline.dask_backend import DaskUnavailable, dask_parallel_config
-        try:
-            with dask_parallel_config(scheduler, jobs):
-                yield from joblib.Parallel(n_jobs=-1, return_as="generator")(calls)
-        except DaskUnavailable as err:
-            raise BuildError(str(err)) from err
-        return
-    if jobs == 1:
-        yield from (_process(path, config, sizes) for path, sizes in tasks)
-        return
-    joblib_backend = {"threads": "threading", "processes": "loky"}[backend]
-    yield from joblib.Parallel(n_jobs=jobs, backend=joblib_backend, return_as="generator")(calls)
+    with contextlib.ExitStack() as stack:
+        if backend == "dask":
+            from pipeline.dask_backend import DaskUnavailable, dask_parallel_config
+            try:
+                stack.enter_context(dask_parallel_config(scheduler, jobs))
+            except DaskUnavailable as err:
+                raise BuildError(str(err)) from err
+            parallel = joblib.Parallel(n_jobs=-1, return_as="generator")
+        else:
+            parallel = joblib.Parallel(n_jobs=jobs, backend={"threads": "threading", "processes": "loky"}[backend],
+                                       return_as="generator")
+        stack.enter_context(parallel)  # one pool for every window
+        stopping = threading.Event()
+
+        def calls(part):  # joblib pulls tasks from this as workers free up; after `stopping`, no more
+            for path, sizes in part:
+                if stopping.is_set():
+                    return
+                yield joblib.delayed(_process)(path, config, sizes)
+
+        for start in range(0, len(tasks), window):
+            outputs, consumed = parallel(calls(tasks[start:start + window])), False
+            try:
+                for result in outputs:  # not `yield from`: closing this generator must not close `outputs` early
+                    yield result
+                consumed = True
+            finally:
+                if not consumed:
+                    stopping.set()
+                    for _ in outputs:  # wait for the tasks already started (about 2 per worker) before the pool goes
+                        pass
 
 
 # ----------------------------------------------------------------------------- the build
@@ -205,22 +313,47 @@ def build(config: PreprocessConfig, options: BuildOptions) -> BuildReport:
         raise BuildError(str(err)) from err
     key = cache_key(config, source)
     cache_dir = options.cache_root / key
-    if _complete_for(cache_dir, sizes, options.on_error):
+    if _reusable(cache_dir, sizes, options.on_error, options.verify):
         return BuildReport(cache_dir, key, reused=True)
-    with key_lock(options.cache_root, key):
-        if _complete_for(cache_dir, sizes, options.on_error):  # another build finished it while we waited
-            return BuildReport(cache_dir, key, reused=True)
-        fresh = not (cache_dir / store.MANIFEST).is_file()
-        try:
-            return _build_locked(config, options, source, key, cache_dir, sizes)
-        except BuildError:  # a bad input; an interrupted build (signal, crash) keeps its shards for resuming
-            _discard(cache_dir, fresh, sizes)
-            raise
+    try:
+        with key_lock(options.cache_root, key):
+            fresh = not os.path.lexists(cache_dir / store.MANIFEST)
+            try:
+                return _build_locked(config, options, source, key, cache_dir, sizes)
+            except BuildError as err:  # a bad input; an interrupted build (signal, crash) keeps its shards to resume
+                if not err.resumable:
+                    _discard(cache_dir, fresh, sizes)
+                raise
+    except OSError as err:
+        raise _storage_error(err, options.cache_root, key) or err
+
+
+def _storage_error(err: OSError, cache_root: Path, key: str | None) -> StorageError | None:
+    """A clear error for a cache folder that is full or cannot be written (building cache `key`, or the demo source
+    when None); None for any other OSError."""
+    names = [n for n in (err.filename, err.filename2) if n]
+    root = Path(cache_root).resolve()
+    if names and not any(Path(n).resolve().is_relative_to(root) for n in names):
+        return None  # not ours (a source file, say)
+    where = f" ({names[0]})" if names else ""
+    doing = f"building cache {key}" if key else "writing the demo source"
+    if err.errno in _DISK_FULL:
+        kept = " The temporary shard was removed and finished shards are kept:" if key else ""
+        return StorageError(
+            f"{cache_root}: {err.strerror}{where} while {doing}.{kept} free some space there (or pass --cache-dir on "
+            f"a disk with more room) and run the same command again{' to resume' if key else ''}")
+    if err.errno in _NOT_WRITABLE:
+        return StorageError(
+            f"cannot write in the cache folder {cache_root}: {err.strerror}{where}. "
+            f"{f'Building cache {key} (a new key or a new size)' if key else 'Making the demo source'} writes there: "
+            f"make it writable, or pass --cache-dir PATH on a writable disk (a complete cache is reused without "
+            f"writing)")
+    return None
 
 
 def _discard(cache_dir: Path, fresh: bool, sizes) -> None:
     """After a bad-input error, remove what this build wrote, so nothing half-made stays behind."""
-    if fresh:
+    if fresh or not (cache_dir / store.MANIFEST).is_file():
         shutil.rmtree(cache_dir, ignore_errors=True)
         return
     manifest = store.read_manifest(cache_dir)
@@ -229,56 +362,110 @@ def _discard(cache_dir: Path, fresh: bool, sizes) -> None:
             shutil.rmtree(cache_dir / str(size), ignore_errors=True)
 
 
+def _shard_file(size: int, chunk: "Chunk") -> str:
+    return f"{size}/{store.shard_name(chunk.split, chunk.index)}"
+
+
 def _build_locked(config, options, source, key, cache_dir: Path, sizes) -> BuildReport:
     started = time.perf_counter()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    manifest = store.read_manifest(cache_dir) if (cache_dir / store.MANIFEST).is_file() else None
-    for leftover in cache_dir.rglob("*" + store.TMP_SUFFIX):  # from a build killed mid-write
-        leftover.unlink()
-    if manifest:  # adding sizes: the stored assignment is the one the existing shards follow
-        items, split_record = _read_split_table(cache_dir), manifest["split"]
-    else:  # new or resumed: the assignment is a function of config and source, so recomputing it is safe
+    manifest = _usable_manifest(cache_dir)
+    rebuild: set[str] = set()  # shard files of cached sizes to build again
+    if manifest:
+        cached = [s for s in sizes if str(s) in manifest["sizes"]]
+        if len(cached) == len(sizes):
+            _refuse_skipped(manifest, cache_dir, options.on_error)
+        rebuild = _shards_to_rebuild(cache_dir, manifest, cached, options.verify)
+        if len(cached) == len(sizes) and not rebuild:  # another build finished it while we waited, or --verify: ok
+            return BuildReport(cache_dir, key, reused=True)
+    # Adding sizes: the stored assignment is the one the existing shards follow. New or resumed: the assignment is a
+    # function of config and source, so recomputing it is safe.
+    items = _read_split_table(cache_dir) if manifest else None
+    write_table = items is None
+    if write_table:
         items, split_record = _split_items(source, config)
-        _write_split_table(cache_dir, items)
-    known_skipped = manifest["skipped"] if manifest else []
-    skipped_paths = {s["path"] for s in known_skipped}
-    items = [it for it in items if it.path not in skipped_paths]  # left out before: stay out in every size
+    if manifest:
+        split_record = manifest["split"]
+    # Images left out before stay out in every size, without being read again. Every size is planned over all
+    # images, so shard i of every size holds the same images.
+    known_skipped = {s["path"]: s["reason"] for s in manifest["skipped"]} if manifest else {}
     new_sizes = tuple(s for s in sizes if not manifest or str(s) not in manifest["sizes"])
-
     chunks = _plan(items, config.shard_size)
-    results: dict[tuple[int, str], list] = {}  # (size, split) -> [ShardResult] in shard order
+    done: dict[str, store.ShardResult] = {}  # shard file -> result, finished in an earlier run or in this one
     for chunk in chunks:
         todo = []
         for size in new_sizes:
-            rel = f"{size}/{store.shard_name(chunk.split, chunk.index)}"
-            done = store.read_finished_shard(cache_dir, rel, [it.path for it in chunk.items],
-                                             config.geometry(size).stored_size)
-            if done is None:
+            file = _shard_file(size, chunk)
+            finished = store.read_finished_shard(cache_dir, file, [it.path for it in chunk.items],
+                                                 config.geometry(size).stored_size)
+            if finished is None:
                 todo.append(size)
-            results.setdefault((size, chunk.split), []).append(done)
-        chunk.todo_sizes = tuple(todo)
-    resumed = sum(r is not None for rs in results.values() for r in rs)
+            else:
+                done[file] = finished
+        todo += [s for s in sizes if s not in new_sizes and _shard_file(s, chunk) in rebuild]
+        chunk.todo_sizes = tuple(sorted(todo))
+    resumed = len(done)
     if resumed:
         log.info("resuming: %d finished shards kept", resumed)
+    todo_chunks = [c for c in chunks if c.todo_sizes]
+    _check_free_space(config, options.cache_root, key, todo_chunks, known_skipped)
 
-    n_images, bytes_written = _write_chunks(config, options, source, cache_dir, [c for c in chunks if c.todo_sizes],
-                                            results)
-    manifest = _manifest(config, source, key, manifest, split_record, items, new_sizes, results, known_skipped)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in cache_dir.rglob("*" + store.TMP_SUFFIX):  # from a build killed mid-write
+        leftover.unlink()
+    if write_table:
+        _write_split_table(cache_dir, items)
+    n_images, bytes_written = _write_chunks(config, options, source, cache_dir, todo_chunks, known_skipped, done)
+    if rebuild:
+        _check_rebuilt(cache_dir, manifest, rebuild, done)
+    skipped = _all_skipped(manifest, chunks, new_sizes, done)
+    _refuse_empty(items, skipped)
+    manifest = _manifest(config, source, key, manifest, split_record, items, chunks, new_sizes, done, skipped)
     store.write_json_atomic(cache_dir / store.MANIFEST, manifest)
     return BuildReport(cache_dir, key, reused=False, sizes_built=new_sizes, images=n_images,
                        seconds=time.perf_counter() - started, bytes_written=bytes_written,
-                       skipped=manifest["skipped"])
+                       skipped=manifest["skipped"], repaired=tuple(sorted(rebuild)))
 
 
-def _write_chunks(config, options, source, cache_dir, chunks: list[Chunk], results) -> tuple[int, int]:
-    """Preprocess every image of `chunks` in parallel; the parent alone writes shards, in order.
+def _check_free_space(config, cache_root: Path, key: str, chunks: list[Chunk], known_skipped: dict) -> None:
+    """StorageError before any image is read when the cache root's disk cannot hold what this build writes."""
+    pixels, images, shards = 0, 0, 0
+    for chunk in chunks:
+        count = sum(it.path not in known_skipped for it in chunk.items)
+        for size in chunk.todo_sizes:
+            pixels += count * config.geometry(size).stored_size ** 2 * 3
+            images += count
+            shards += 1
+    need = int(pixels * (1 + SPACE_HEADROOM)) + shards * SPACE_PER_SHARD_BYTES + images * SPACE_PER_IMAGE_BYTES
+    free = shutil.disk_usage(cache_root).free
+    if need > free:
+        mib = 2**20
+        raise StorageError(
+            f"not enough free space for cache {key}: this build writes about {need / mib:,.0f} MiB ({images} stored "
+            f"images in {shards} shards: {pixels / mib:,.0f} MiB of pixels plus {SPACE_HEADROOM:.0%} and metadata) "
+            f"and {cache_root} has {free / mib:,.0f} MiB free. Free at least {(need - free) / mib:,.0f} MiB there, "
+            f"or pass --cache-dir on a disk with more room")
+
+
+def _write_chunks(config, options, source, cache_dir, chunks: list[Chunk], known_skipped: dict,
+                  done: dict) -> tuple[int, int]:
+    """Preprocess every image of `chunks` in parallel; the parent alone writes shards, in order, into `done`.
 
     Returns (images processed, bytes written)."""
-    tasks = [(str(source.root / it.path), c.todo_sizes) for c in chunks for it in c.items]
-    if not tasks:
+    tasks = [(str(source.root / it.path), c.todo_sizes) for c in chunks for it in c.items
+             if it.path not in known_skipped]
+    if not chunks:
         return 0, 0
     bytes_written = 0
-    outputs = _parallel_results(tasks, config, options.backend, options.jobs, options.scheduler)
+    task_bytes = max(sum(config.geometry(s).stored_size ** 2 * 3 for s in c.todo_sizes) for c in chunks)
+    window, workers = _window(task_bytes, _workers(options.jobs))
+    jobs = options.jobs
+    if workers < _workers(options.jobs) and options.backend != "dask":  # a Dask cluster's size is its own
+        log.info("%.0f MiB of stored pixels per image: %d workers, at most %d images in memory", task_bytes / 2**20,
+                 workers, window)
+        jobs = workers
+    # (a chunk of images left out earlier still gets its shard, empty like the first build's, and starts no pool)
+    outputs = _parallel_results(tasks, config, options.backend, jobs, options.scheduler, window) if tasks \
+        else iter(())
     bar = progress_bar(options.progress, len(tasks), "preprocess", "img", log)
     writers: list[store.ShardWriter] = []
     try:
@@ -286,6 +473,10 @@ def _write_chunks(config, options, source, cache_dir, chunks: list[Chunk], resul
             writers = [store.ShardWriter(cache_dir, size, chunk.split, chunk.index, config.geometry(size).stored_size,
                                          len(chunk.items)) for size in chunk.todo_sizes]
             for item in chunk.items:
+                if item.path in known_skipped:
+                    for w in writers:
+                        w.skip(item.path, known_skipped[item.path])
+                    continue
                 ok, value = next(outputs)
                 bar.update()
                 if not ok:
@@ -300,8 +491,8 @@ def _write_chunks(config, options, source, cache_dir, chunks: list[Chunk], resul
                     w.add(value[w.size], item.label, item.path, item.patient)
             for w in writers:
                 shard = w.close()
-                bytes_written += w.final.stat().st_size
-                results[(w.size, chunk.split)][chunk.index] = shard
+                bytes_written += shard.nbytes
+                done[shard.file] = shard
             writers = []
     finally:
         for w in writers:
@@ -309,6 +500,67 @@ def _write_chunks(config, options, source, cache_dir, chunks: list[Chunk], resul
         bar.close()
         outputs.close()
     return len(tasks), bytes_written
+
+
+def _check_rebuilt(cache_dir: Path, manifest: dict, rebuilt: set[str], done: dict) -> None:
+    """A rebuilt shard must hold what the manifest says; the bytes should match too (the build is deterministic)."""
+    recorded = {e["file"]: e for info in manifest["sizes"].values() for split in info["shards"].values()
+                for e in split}
+    for file in sorted(rebuilt):
+        old, new = recorded[file], done[file]
+        if new.count != old["count"]:
+            (cache_dir / file).unlink(missing_ok=True)
+            raise BuildError(
+                f"{cache_dir / file}: rebuilt with {new.count} images, but the manifest counts {old['count']} (the "
+                f"source changed, or an older version laid this cache out differently); it cannot be repaired in "
+                f"place: remove it with python -m pipeline.cache rm {cache_dir.name} and build it again")
+        if new.sha256 != old["sha256"]:
+            log.warning("%s: the rebuilt shard's bytes differ from the recorded ones (written by an older version?); "
+                        "the manifest now records its new checksum", cache_dir / file)
+
+
+def _all_skipped(manifest: dict | None, chunks: list[Chunk], new_sizes, done: dict) -> list[dict]:
+    """The manifest's `skipped`: what earlier builds left out, then what the new shards left out, in plan order."""
+    skipped = list(manifest["skipped"]) if manifest else []
+    seen = {s["path"] for s in skipped}
+    for chunk in chunks:
+        for size in new_sizes:
+            for s in done[_shard_file(size, chunk)].skipped:
+                if s["path"] not in seen:
+                    seen.add(s["path"])
+                    skipped.append(s)
+    return skipped
+
+
+def _refuse_empty(items: list[Item], skipped: list[dict]) -> None:
+    """A cache with no image, or with a class or a split emptied by skipped images, is an error, not a result."""
+    reasons = {s["path"]: s["reason"] for s in skipped}
+    if not reasons:
+        return
+
+    def examples(group: list[Item]) -> str:
+        shown = "; ".join(f"{it.path}: {reasons[it.path]}" for it in group[:3])
+        return shown + ("; ..." if len(group) > 3 else "")
+
+    fix = "nothing was cached. Fix or replace those files (or check --source)"
+    if all(it.path in reasons for it in items):
+        raise BuildError(f"no usable image: all {len(items)} source images were left out ({examples(items)}); {fix}")
+    groups = [(f"class {name}", [it for it in items if it.label == label]) for label, name in enumerate(CLASS_NAMES)]
+    groups += [(f"split {split}", [it for it in items if it.split == split])
+               for split in sorted({it.split for it in items}, key=_split_rank)]
+    for what, group in groups:
+        if group and all(it.path in reasons for it in group):
+            raise BuildError(f"{what} would be empty: all its {len(group)} images were left out "
+                             f"({examples(group)}); {fix}")
+    for split in sorted({it.split for it in items}, key=_split_rank):
+        for label, name in enumerate(CLASS_NAMES):
+            group = [it for it in items if it.split == split and it.label == label]
+            if group and all(it.path in reasons for it in group):
+                log.warning("split %s keeps no image of class %s: all its %d were left out", split, name, len(group))
+
+
+def _split_rank(split: str) -> int:
+    return SPLIT_ORDER.index(split) if split in SPLIT_ORDER else len(SPLIT_ORDER)
 
 
 def _class_counts(labels) -> dict[str, int]:
@@ -319,27 +571,26 @@ def _class_counts(labels) -> dict[str, int]:
     return out
 
 
-def _manifest(config, source, key, old, split_record, items, new_sizes, results, known_skipped) -> dict:
-    skipped = list(known_skipped)
-    seen = {s["path"] for s in skipped}
-    for rs in results.values():
-        for r in rs:
-            for s in r.skipped:
-                if s["path"] not in seen:
-                    seen.add(s["path"])
-                    skipped.append(s)
-    kept = [it for it in items if it.path not in seen]
+def _manifest(config, source, key, old, split_record, items, chunks, new_sizes, done, skipped) -> dict:
+    left_out = {s["path"] for s in skipped}
+    kept = [it for it in items if it.path not in left_out]
     splits = {}
-    for split in sorted({it.split for it in kept}, key=lambda s: SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 99):
+    for split in sorted({it.split for it in kept}, key=_split_rank):
         labels = [it.label for it in kept if it.split == split]
         splits[split] = {"count": len(labels), "classes": _class_counts(labels)}
-    sizes = dict(old["sizes"]) if old else {}
+    sizes = copy.deepcopy(old["sizes"]) if old else {}
+    for info in sizes.values():  # rebuilt shards of cached sizes: their new checksum and byte size
+        for entries in info["shards"].values():
+            entries[:] = [done[e["file"]].entry() if e["file"] in done else e for e in entries]
     for size in new_sizes:
         g = config.geometry(size)
-        shards = {split: [r.entry() for r in results[(size, split)]] for (s, split) in results if s == size}
-        mean, std = store.channel_stats(results.get((size, "train"), []))
+        shards: dict[str, list] = {}
+        for chunk in chunks:
+            shards.setdefault(chunk.split, []).append(done[_shard_file(size, chunk)])
+        mean, std = store.channel_stats(shards.get("train", []))
         sizes[str(size)] = {"stored_size": g.stored_size, "crop": g.crop, "context_crop": g.context_crop,
-                            "mean": mean, "std": std, "shards": shards}
+                            "mean": mean, "std": std,
+                            "shards": {split: [r.entry() for r in rs] for split, rs in shards.items()}}
     sizes = {k: sizes[k] for k in sorted(sizes, key=int)}
     return {
         "format_version": FORMAT_VERSION,
@@ -387,6 +638,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-px", type=int, default=d.reference_px, help="image side the crop refers to (px)")
     p.add_argument("--max-rotation-deg", type=float, default=d.max_rotation_deg,
                    help="largest training rotation the stored context must allow")
+    p.add_argument("--verify", action="store_true",
+                   help="re-check the sha256 of every shard of a complete cache and rebuild any that differ (default: "
+                        "a shard's presence and byte size are checked; a mismatch triggers the full check)")
     add_progress_flags(p)
     return p.parse_args(argv)
 
@@ -406,16 +660,22 @@ def main(argv=None) -> int:
         config = config_from_args(args)
         if args.demo:
             from pipeline.demo import ensure_demo_source
-            source = ensure_demo_source(args.cache_dir)
+            try:
+                source = ensure_demo_source(args.cache_dir)
+            except OSError as err:
+                raise _storage_error(err, args.cache_dir, None) or err
         elif args.source is None:
             raise BuildError("no source given: pass --source PATH (a C-NMC folder) or --demo")
         else:
             source = args.source
         options = BuildOptions(sizes=tuple(args.sizes), source=source, cache_root=args.cache_dir, jobs=args.jobs,
                                backend=args.backend, on_error=args.on_error, scheduler=args.scheduler,
-                               progress=args.progress)
+                               progress=args.progress, verify=args.verify)
         report = build(config, options)
     except (BuildError, ValueError, store.CacheError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # any other I/O failure: named, without a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(report.summary())

@@ -36,8 +36,9 @@ def list_caches(cache_root: Path) -> list[dict]:
                 "created": m["created"],
             })
         except (ValueError, KeyError, TypeError, AttributeError, OSError) as err:
-            rows.append({"key": manifest_path.parent.name, "path": str(manifest_path.parent),
-                         "damaged": f"{manifest_path}: {type(err).__name__}: {err}",
+            reason = (f"{err.path}: {err.problem}" if isinstance(err, store.ManifestError)
+                      else f"{manifest_path}: {type(err).__name__}: {err}")
+            rows.append({"key": manifest_path.parent.name, "path": str(manifest_path.parent), "damaged": reason,
                          "bytes": folder_bytes(manifest_path.parent), "created": ""})
     return sorted(rows, key=lambda r: r["created"], reverse=True)
 
@@ -126,6 +127,9 @@ def main(argv=None) -> int:
     for problem in problems:
         print(f"BAD {problem}", file=sys.stderr)
     if problems:
+        manifest = store.read_manifest(args.path)
+        print(f"rebuild the bad shards (the rest is kept) with:\n  "
+              f"{store.rebuild_command(args.path, manifest, manifest['sizes'])}", file=sys.stderr)
         return 1
     print(f"ok: every shard of {args.path} matches its checksum and shape")
     return 0

@@ -25,7 +25,7 @@ LOCKS = ".locks"
 @dataclass(frozen=True)
 class Removal:
     path: Path
-    what: str  # "cache", "incomplete cache", "temporary shard", "stale lock"
+    what: str  # "cache", "incomplete cache", "damaged cache", "temporary shard", "stale lock"
     bytes: int
     key: str
 
@@ -80,15 +80,28 @@ def created(cache_dir: Path) -> datetime | None:
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
+def _state(folder: Path) -> str:
+    """"cache" (a usable manifest), "damaged cache" (a manifest that cannot be used) or "incomplete cache"."""
+    try:
+        store.read_manifest(folder)
+        return "cache"
+    except store.ManifestError:
+        return "damaged cache"
+    except store.CacheError:
+        return "incomplete cache"
+
+
 def plan_prune(cache_root: Path, keep_newest: int | None = None, older_than_days: float | None = None,
                incomplete: bool = False, now: datetime | None = None) -> list[Removal]:
     """What `prune` removes. A complete cache goes when it is past the newest `keep_newest` and older than
-    `older_than_days` (each only when given); `incomplete` adds key folders without a manifest, `*.tmp` shards left
-    in complete caches, and lock files that no build holds. Folders without a readable date are left alone."""
+    `older_than_days` (each only when given); `incomplete` adds key folders without a manifest or with one that cannot
+    be used (store.ManifestError), `*.tmp` shards left in complete caches, and lock files that no build holds.
+    Folders without a readable date are left alone."""
     now = now or datetime.now(timezone.utc)
     folders = sorted(p for p in cache_root.iterdir() if p.is_dir() and KEY.match(p.name)) \
         if cache_root.is_dir() else []
-    complete = [(created(p), p) for p in folders if (p / store.MANIFEST).is_file()]
+    states = {p: _state(p) for p in folders}
+    complete = [(created(p), p) for p in folders if states[p] == "cache"]
     dated = sorted(((when, p) for when, p in complete if when is not None), reverse=True)
     plan = []
     if keep_newest is not None or older_than_days is not None:
@@ -100,8 +113,8 @@ def plan_prune(cache_root: Path, keep_newest: int | None = None, older_than_days
             plan.append(Removal(path, "cache", path_bytes(path), path.name))
     if incomplete:
         for path in folders:
-            if not (path / store.MANIFEST).is_file():
-                plan.append(Removal(path, "incomplete cache", path_bytes(path), path.name))
+            if states[path] != "cache":
+                plan.append(Removal(path, states[path], path_bytes(path), path.name))
         removing = {r.path for r in plan}
         for _, path in complete:
             if path not in removing:

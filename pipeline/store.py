@@ -4,13 +4,21 @@
     cache/<key>/split.csv                 path,label,patient,split of every source image
     cache/<key>/<size>/<split>-00000.h5   images (N, S, S, 3) uint8 RGB, labels (N,) int64, paths (N,), patients (N,)
 
-Shards are written as `*.h5.tmp` and renamed when complete, so a shard with its final name is always whole.
+Shards are written as `*.h5.tmp` and renamed when complete, so a shard with its final name is always whole. The
+manifest records each shard's sha256 and byte size: a reader hashes a shard the first time a process opens it
+(`CacheReader`), and a build that finds a shard missing, resized or (with --verify) changed rebuilds it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
+import shlex
+import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,17 +26,35 @@ import cv2
 import h5py
 import numpy as np
 
+from pipeline.config import FORMAT_VERSION, PreprocessConfig
+
 MANIFEST = "manifest.json"
 SPLIT_TABLE = "split.csv"
 TMP_SUFFIX = ".tmp"
 STRING = h5py.string_dtype("utf-8")
 _LEVELS = np.arange(256, dtype=np.int64)
-# Images per h5py write call: one call per image cost ~0.3 ms of h5py overhead (7% of a build on 2 cores).
+# Images per h5py write call: one call per image cost ~0.3 ms of h5py overhead (7% of a build on 2 cores) ...
 WRITE_BATCH = 16
+# ... but never more than this many bytes buffered per shard, so memory stays bounded at any image size.
+WRITE_BUFFER_BYTES = 64 * 2**20
+# cv2.calcHist counts in float32, exact up to 2**24; larger windows are counted with np.bincount (int64).
+_CALCHIST_EXACT_PIXELS = 2**24
+HASH_THREADS = 4  # shards hashed at once when a reader checks a split (hashlib releases the GIL)
 
 
 class CacheError(ValueError):
     """A cache folder is missing, incomplete or corrupt; the message names the file."""
+
+
+class ManifestError(CacheError):
+    """A manifest.json that cannot be used; `path` and `problem` say which and why."""
+
+    def __init__(self, path: Path, problem: str):
+        self.path, self.problem = Path(path), problem
+        key = self.path.parent.name
+        super().__init__(f"{path}: {problem}. This cache cannot be used: build it again with python -m pipeline.build "
+                         f"(the same --source and options; the damaged folder is replaced), or remove it with "
+                         f"python -m pipeline.cache rm {key}")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -51,8 +77,12 @@ def fsync_rename(tmp: Path, final: Path) -> None:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    fsync_rename(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        fsync_rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass
@@ -64,16 +94,46 @@ class ShardResult:
     pixel_sumsq: np.ndarray  # (3,) int64
     pixel_count: int  # pixels per channel summed
     skipped: list  # [{path, reason}]
+    nbytes: int = 0  # file size
 
     def entry(self) -> dict:
-        return {"file": self.file, "count": self.count, "sha256": self.sha256}
+        return {"file": self.file, "count": self.count, "sha256": self.sha256, "bytes": self.nbytes}
+
+
+class _WriteGuard(io.FileIO):
+    """The shard file under HDF5 (h5py's file-object driver). A failed write (disk full, quota, I/O error) is kept in
+    `error` for ShardWriter to raise, and HDF5 is told it succeeded: after a failed write HDF5 can no longer close the
+    file and the process dies at exit with SIGSEGV (h5py 3.16 / HDF5 2.0 on a full tmpfs). The file is discarded."""
+    error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while self.error is None and done < len(view):  # h5py ignores short writes: finish them here
+            try:
+                done += super().write(view[done:])
+            except OSError as err:
+                self.error = err
+        return len(view)
+
+
+def channel_histograms(center: np.ndarray) -> np.ndarray:
+    """(3, 256) int64 pixel counts per channel of an (H, W, 3) uint8 window, exact at any size."""
+    if center.shape[0] * center.shape[1] <= _CALCHIST_EXACT_PIXELS:
+        # 0.07 ms against 2.7 ms for an int64 sum of squares and 0.26 ms for np.bincount over a 224 px window
+        # (measured on the 2-core dev machine)
+        hist = np.stack([cv2.calcHist([center], [c], None, [256], [0, 256]).ravel() for c in range(3)])
+        return hist.astype(np.int64)
+    return np.stack([np.bincount(center[:, :, c].ravel(), minlength=256) for c in range(3)]).astype(np.int64)
 
 
 class ShardWriter:
     """Writes one shard under a temporary name; `close()` renames it into place and returns its ShardResult.
 
     Pixel sums over the centre `size` window are kept in int64 (exact for uint8) and stored in the shard's
-    attributes, so a resumed build gets exact statistics without re-reading finished shards.
+    attributes, so a resumed build gets exact statistics without re-reading finished shards. At most `batch` images
+    (WRITE_BATCH, fewer for large images) wait in memory for the next write. A failed write raises OSError (errno
+    as the system gave it, the temporary file as filename); `abort()` then removes the temporary file.
     """
 
     def __init__(self, cache_dir: Path, size: int, split: str, index: int, stored_size: int, capacity: int):
@@ -85,11 +145,19 @@ class ShardWriter:
         self.margin = (stored_size - size) // 2
         self.size = size
         s = stored_size
-        # track_times=False keeps the file's bytes a function of its contents (same checksum on every rebuild).
-        self.file = h5py.File(self.tmp, "w", libver="v108", track_order=False)
-        self.images = self.file.create_dataset("images", (capacity, s, s, 3), np.uint8, maxshape=(None, s, s, 3),
-                                               chunks=(1, s, s, 3), track_times=False)
-        self.buffer = np.empty((WRITE_BATCH, s, s, 3), np.uint8)
+        self.raw = _WriteGuard(self.tmp, "w+")
+        try:
+            # track_times=False keeps the file's bytes a function of its contents (same checksum on every rebuild).
+            self.file = h5py.File(self.raw, "w", libver="v108", track_order=False)
+            self.images = self.file.create_dataset("images", (capacity, s, s, 3), np.uint8,
+                                                   maxshape=(None, s, s, 3), chunks=(1, s, s, 3), track_times=False)
+        except BaseException:
+            self.raw.close()
+            self.tmp.unlink(missing_ok=True)
+            raise
+        self._check()
+        self.batch = max(1, min(WRITE_BATCH, WRITE_BUFFER_BYTES // (s * s * 3)))
+        self.buffer = np.empty((self.batch, s, s, 3), np.uint8)
         self.labels: list[int] = []
         self.paths: list[str] = []
         self.patients: list[str] = []
@@ -99,16 +167,11 @@ class ShardWriter:
 
     def add(self, image: np.ndarray, label: int, path: str, patient: str) -> None:
         i = len(self.labels)
-        self.buffer[i % WRITE_BATCH] = image
-        if i % WRITE_BATCH == WRITE_BATCH - 1:
+        self.buffer[i % self.batch] = image
+        if i % self.batch == self.batch - 1:
             self._flush(i + 1)
         m, n = self.margin, self.size
-        center = image[m:m + n, m:m + n]
-        # Per-channel histograms, then sums from them: exact (float32 counts are exact below 2**24 pixels), and
-        # 0.07 ms against 2.7 ms for an int64 sum of squares and 0.26 ms for np.bincount over a 224 px window
-        # (measured on the 2-core dev machine).
-        hist = np.stack([cv2.calcHist([center], [c], None, [256], [0, 256]).ravel() for c in range(3)])
-        hist = hist.astype(np.int64)
+        hist = channel_histograms(image[m:m + n, m:m + n])  # per-channel counts, then exact integer sums
         self.sum += hist @ _LEVELS
         self.sumsq += hist @ (_LEVELS * _LEVELS)
         self.labels.append(label)
@@ -116,15 +179,21 @@ class ShardWriter:
         self.patients.append(patient)
 
     def _flush(self, end: int) -> None:
-        start = (end - 1) // WRITE_BATCH * WRITE_BATCH
+        start = (end - 1) // self.batch * self.batch
         self.images[start:end] = self.buffer[:end - start]
+        self._check()
+
+    def _check(self) -> None:
+        if self.raw.error is not None:
+            err = self.raw.error
+            raise OSError(err.errno, err.strerror, str(self.tmp)) from err
 
     def skip(self, path: str, reason: str) -> None:
         self.skipped.append({"path": path, "reason": reason})
 
     def close(self) -> ShardResult:
         n = len(self.labels)
-        if n % WRITE_BATCH:
+        if n % self.batch:
             self._flush(n)
         self.images.resize(n, axis=0)
         f = self.file
@@ -137,14 +206,20 @@ class ShardWriter:
         f.attrs["pixel_count"] = n * self.size * self.size
         f.attrs["skipped"] = json.dumps(self.skipped)
         f.close()
-        fsync_rename(self.tmp, self.final)
+        self._check()
+        os.fsync(self.raw.fileno())
+        self.raw.close()
+        os.replace(self.tmp, self.final)
         return ShardResult(self.rel, n, sha256_file(self.final), self.sum, self.sumsq, n * self.size ** 2,
-                           self.skipped)
+                           self.skipped, self.final.stat().st_size)
 
     def abort(self) -> None:
+        """Close and remove the temporary file (after an error: a close error is of no interest then)."""
         try:
-            self.file.close()
+            with contextlib.suppress(OSError, RuntimeError, ValueError):
+                self.file.close()
         finally:
+            self.raw.close()
             self.tmp.unlink(missing_ok=True)
 
 
@@ -165,7 +240,7 @@ def read_finished_shard(cache_dir: Path, rel: str, expected_paths: list[str], st
                                  np.asarray(f.attrs["pixel_sumsq"], np.int64), int(f.attrs["pixel_count"]), skipped)
     except (OSError, KeyError, ValueError):
         return None
-    result.sha256 = sha256_file(path)
+    result.sha256, result.nbytes = sha256_file(path), path.stat().st_size
     return result
 
 
@@ -184,16 +259,120 @@ def channel_stats(results: list[ShardResult]) -> tuple[list[float], list[float]]
 # ----------------------------------------------------------------------------- reading
 
 
+def _manifest_problem(m) -> str | None:
+    """What makes a parsed manifest unusable, or None. Checks the fields readers index, not every value."""
+    if not isinstance(m, dict):
+        return f"holds a JSON {type(m).__name__}, not a cache manifest (an object with format_version, sizes, ...)"
+    missing = [k for k in ("format_version", "key", "config", "source", "splits", "sizes", "skipped") if k not in m]
+    if missing:
+        return f"is not a cache manifest: it lacks {', '.join(missing)}"
+    if m["format_version"] != FORMAT_VERSION:
+        return f"is cache format {m['format_version']!r}; this version reads format {FORMAT_VERSION}"
+    if not (isinstance(m["source"], dict) and isinstance(m["source"].get("root"), str)):
+        return "has no source root"
+    if not (isinstance(m["config"], dict) and isinstance(m["splits"], dict) and isinstance(m["skipped"], list)
+            and isinstance(m["sizes"], dict)):
+        return "has a config, splits, sizes or skipped entry of the wrong type"
+    for size, info in m["sizes"].items():
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not (str(size).isdigit() and isinstance(info.get("stored_size"), int) and isinstance(shards, dict)
+                and all(isinstance(entries, list) and all(
+                    isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("count"), int)
+                    and isinstance(e.get("sha256"), str) for e in entries) for entries in shards.values())):
+            return f"has a malformed entry for size {size!r}"
+    return None
+
+
 def read_manifest(cache_dir: str | os.PathLike) -> dict:
+    """The manifest of a complete cache; CacheError when there is none, ManifestError when it cannot be used."""
     path = Path(cache_dir) / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CacheError(f"{cache_dir}: no {MANIFEST}; it is not a complete cache (build it with python -m "
                          f"pipeline.build)")
-    return json.loads(path.read_text())
+    if not path.is_file():
+        raise ManifestError(path, "is not a regular file (a folder or a broken link?)")
+    try:
+        m = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ManifestError(path, f"is not valid JSON ({err})") from None
+    except OSError as err:
+        raise ManifestError(path, f"cannot be read ({err.strerror})") from None
+    problem = _manifest_problem(m)
+    if problem:
+        raise ManifestError(path, problem)
+    return m
+
+
+def rebuild_command(cache_dir: str | os.PathLike, manifest: dict, sizes) -> str:
+    """The build command that rebuilds `sizes` of this cache in place: same source, cache root and parameters (those
+    that differ from the defaults), --verify so that every shard's checksum is checked and the bad ones rebuilt."""
+    cache_dir = Path(cache_dir).resolve()
+    args = ["python", "-m", "pipeline.build", "--source", manifest["source"]["root"], "--cache-dir",
+            str(cache_dir.parent), "--sizes", *(str(s) for s in sorted(sizes))]
+    defaults = PreprocessConfig().as_dict()
+    for name, value in manifest["config"].items():
+        if name in defaults and value != defaults[name]:
+            args += ["--" + name.replace("_", "-"), *(str(v) for v in (value if isinstance(value, list) else [value]))]
+    if manifest["skipped"]:
+        args += ["--on-error", "skip"]
+    return shlex.join(args + ["--verify"])
+
+
+# Shards whose sha256 this process has checked: (device, inode, bytes, mtime_ns, expected sha256).
+_checked: set[tuple] = set()
+_checked_lock = threading.Lock()
+
+
+def shard_problem(cache_dir: Path, entry: dict, full: bool = True, remember: bool = True) -> str | None:
+    """Why a manifest's shard cannot be used (missing, wrong size, checksum differs), or None.
+
+    full=False: existence and byte size only (one stat). full=True: also its sha256 (~1 GB/s on the 2-core dev
+    machine), once per process and file version when `remember`."""
+    path = Path(cache_dir) / entry["file"]
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if "bytes" in entry and st.st_size != entry["bytes"]:
+        return f"has {st.st_size} bytes where the manifest records {entry['bytes']} (truncated or replaced)"
+    if not full:
+        return None
+    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, entry["sha256"])
+    if remember and identity in _checked:
+        return None
+    try:
+        digest = sha256_file(path)
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    if digest != entry["sha256"]:
+        return "differs from its sha256 in the manifest (the file was changed or corrupted)"
+    with _checked_lock:
+        _checked.add(identity)
+    return None
+
+
+def shard_problems(cache_dir: Path, manifest: dict, sizes=None, full: bool = True,
+                   remember: bool = True) -> list[tuple[str, str]]:
+    """(file, problem) for every bad shard of `sizes` (default: all), in manifest order; hashed in threads."""
+    sizes = manifest["sizes"] if sizes is None else [str(s) for s in sizes]
+    entries = [e for size in sizes for split in manifest["sizes"][size]["shards"].values() for e in split]
+    if full and len(entries) > 1:
+        with ThreadPoolExecutor(min(HASH_THREADS, os.cpu_count() or 1, len(entries))) as pool:
+            problems = list(pool.map(lambda e: shard_problem(cache_dir, e, True, remember), entries))
+    else:
+        problems = [shard_problem(cache_dir, e, full, remember) for e in entries]
+    return [(e["file"], why) for e, why in zip(entries, problems) if why]
 
 
 class CacheReader:
-    """Read access to one complete cache folder (no file is held open between calls)."""
+    """Read access to one complete cache folder (no file is held open between calls).
+
+    Every shard is checked against the manifest's sha256 before its first read in this process, and a bad one stops
+    the reading with a CacheError that names it and gives the command that rebuilds it."""
 
     def __init__(self, cache_dir: str | os.PathLike):
         self.dir = Path(cache_dir)
@@ -226,49 +405,86 @@ class CacheReader:
     def count(self, size: int, split: str) -> int:
         return sum(s["count"] for s in self.shards(size, split))
 
+    def damaged(self, problems: list[tuple[str, str]]) -> CacheError:
+        """The error for bad shards: each named, then the command that rebuilds them (the rest is kept)."""
+        lines = [f"{self.dir / file}: shard {why}" for file, why in problems]
+        sizes = sorted({int(file.split("/")[0]) for file, _ in problems})
+        return CacheError("\n".join(lines) + "\nRebuild the damaged shards (the rest of the cache is kept) with:\n  "
+                          + rebuild_command(self.dir, self.manifest, sizes))
+
+    def check_shards(self, size: int, split: str) -> None:
+        """Raise CacheError unless every shard of the split matches its sha256 (hashed once per process)."""
+        problems = shard_problems(self.dir, {"sizes": {str(size): {"shards": {split: self.shards(size, split)}}}})
+        if problems:
+            raise self.damaged(problems)
+
+    def check_shard(self, size: int, split: str, index: int) -> None:
+        """Raise CacheError unless shard `index` of the split matches its sha256 (a stat once it has been hashed)."""
+        entry = self.shards(size, split)[index]
+        why = shard_problem(self.dir, entry)
+        if why:
+            raise self.damaged([(entry["file"], why)])
+
+    def open_shard(self, size: int, split: str, index: int, **h5py_kwargs) -> h5py.File:
+        """Shard `index` of a split, checked, open for reading (the caller closes it)."""
+        self.check_shard(size, split, index)
+        file = self.shards(size, split)[index]["file"]
+        try:
+            return h5py.File(self.dir / file, "r", **h5py_kwargs)
+        except OSError as err:
+            raise self.damaged([(file, f"cannot be opened by HDF5 ({err})")]) from None
+
     def read_meta(self, size: int, split: str) -> dict[str, np.ndarray]:
         """labels (N,) int64, paths (N,) str and patients (N,) str of a split, in shard order."""
-        parts = [read_shard(p, images=False) for p in self.shard_paths(size, split)]
+        self.check_shards(size, split)
+        parts = []
+        for i in range(len(self.shards(size, split))):
+            with self.open_shard(size, split, i) as f:
+                parts.append(_read_open_shard(f, images=False))
         return {k: np.concatenate([p[k] for p in parts]) if parts else np.empty(0) for k in
                 ("labels", "paths", "patients")}
 
     def read_images_into(self, size: int, split: str, out: np.ndarray) -> None:
         """Fill `out` (N, S, S, 3) uint8 with the split's images, one contiguous read per shard."""
+        self.check_shards(size, split)
         offset = 0
-        for path in self.shard_paths(size, split):
-            with h5py.File(path, "r") as f:
+        for i in range(len(self.shards(size, split))):
+            with self.open_shard(size, split, i) as f:
                 n = f["images"].shape[0]
                 f["images"].read_direct(out, dest_sel=np.s_[offset:offset + n])
             offset += n
 
 
-def read_shard(path: Path, images: bool = True) -> dict[str, np.ndarray]:
-    with h5py.File(path, "r") as f:
-        out = {
-            "labels": f["labels"][()],
-            "paths": f["paths"].asstr()[()],
-            "patients": f["patients"].asstr()[()],
-        }
-        if images:
-            out["images"] = f["images"][()]
+def _read_open_shard(f: h5py.File, images: bool) -> dict[str, np.ndarray]:
+    out = {
+        "labels": f["labels"][()],
+        "paths": f["paths"].asstr()[()],
+        "patients": f["patients"].asstr()[()],
+    }
+    if images:
+        out["images"] = f["images"][()]
     return out
 
 
+def read_shard(path: Path, images: bool = True) -> dict[str, np.ndarray]:
+    """One shard file's datasets, unchecked (CacheReader checks against the manifest)."""
+    with h5py.File(path, "r") as f:
+        return _read_open_shard(f, images)
+
+
 def verify(cache_dir: str | os.PathLike) -> list[str]:
-    """Every problem found in a cache: checksum, shape, dtype or count mismatches, missing shards."""
+    """Every problem found in a cache: checksum, shape, dtype or count mismatches, missing shards (always re-hashed)."""
     cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
+    bad = dict(shard_problems(cache_dir, manifest, remember=False))
     problems = []
     for info in manifest["sizes"].values():
         s = info["stored_size"]
         for shards in info["shards"].values():
             for shard in shards:
                 path = cache_dir / shard["file"]
-                if not path.is_file():
-                    problems.append(f"{path}: missing")
-                    continue
-                if sha256_file(path) != shard["sha256"]:
-                    problems.append(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
+                if shard["file"] in bad:
+                    problems.append(f"{path}: {bad[shard['file']]}")
                     continue
                 try:
                     with h5py.File(path, "r") as f:

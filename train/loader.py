@@ -17,6 +17,9 @@ part of the same epoch plan; evaluation (train=False) gives every image exactly 
 contiguous per-rank parts, with `epoch_indices()` naming the image behind every row.
 
 h5py files are opened in the thread that reads them and closed after each read pass, never carried across fork.
+Each shard is checked against the manifest's sha256 the first time this process reads it (when the loader is made:
+its labels are read then); a damaged or missing shard stops the run with a CacheError naming it and the command that
+rebuilds it.
 """
 from __future__ import annotations
 
@@ -218,9 +221,10 @@ class CacheLoader:
         if self.placement == "device":
             data = torch.empty(shape, dtype=torch.uint8, device=self.device)
             offset = 0
-            for path, count in zip(self.shard_paths, self.shard_counts):
+            for i, count in enumerate(self.shard_counts):
                 host = np.empty((count,) + shape[1:], np.uint8)
-                with h5py.File(path, "r") as f:
+                self.reader.check_shard(self.size, self.split, i)  # against the manifest's sha256
+                with h5py.File(self.shard_paths[i], "r") as f:
                     f["images"].read_direct(host)
                 data[offset:offset + count].copy_(torch.from_numpy(host))
                 offset += count
@@ -374,6 +378,7 @@ class CacheLoader:
                     if b.shard != open_shard:
                         if f is not None:
                             f.close()
+                        self.reader.check_shard(self.size, self.split, b.shard)  # against the manifest's sha256
                         f, open_shard = h5py.File(self.shard_paths[b.shard], "r", rdcc_nbytes=0), b.shard
                     f["images"].read_direct(images, np.s_[b.start:b.stop], np.s_[at:at + len(b)])
                     at += len(b)
