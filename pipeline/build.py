@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,18 +26,14 @@ from pathlib import Path
 from pipeline.config import FORMAT_VERSION, PreprocessConfig
 from pipeline.sources import CLASS_NAMES, Item, Source, SourceError, discover
 from pipeline.progress import add_progress_flags, progress_bar
+from pipeline import parallel
+from pipeline.dask_backend import DaskUnavailable
+from pipeline.parallel import BACKENDS, DEFAULT_BACKEND
 from pipeline.split import assign_splits
 from pipeline import store
 
 log = logging.getLogger(__name__)
 SPLIT_ORDER = ("train", "valid", "test", "prelim", "final")
-BACKENDS = ("threads", "processes", "dask")
-DEFAULT_BACKEND = "threads"  # see README "Build benchmark": threads beat processes on 2 cores (no array copy-back)
-# "dask" runs the image work on a Dask cluster through joblib's Dask backend (pip install -e '.[cluster]')
-# Preprocessed images held at once between the workers and the shard writer (memory stays bounded at any size): the
-# image work runs in windows of at most this many bytes of results, and never with more workers than images in one.
-RESULT_BUDGET_BYTES = 512 * 2**20
-MAX_WINDOW = 512  # images per window for small sizes (a window's tail leaves workers idle: ~0.1% at 2 jobs)
 # Free space asked for beyond the pixels: HDF5 metadata, labels, paths (measured: under 2 KiB per shard plus 0.1 KiB
 # per image), the manifest and split table, with room to spare.
 SPACE_HEADROOM = 0.02
@@ -71,6 +66,7 @@ class BuildOptions:
     scheduler: str | None = None  # dask scheduler address for backend "dask"; None starts a local cluster
     progress: bool | str = "auto"  # pipeline.progress: auto, on, off (True/False: auto/off)
     verify: bool = False  # re-hash every shard of a complete cache before reusing it (rebuild the bad ones)
+    allow_upscale: bool = False  # sizes above the crop's source pixels (up to config.MAX_SIZE_PX)
 
 
 @dataclass
@@ -224,93 +220,26 @@ def _plan(items: list[Item], shard_size: int) -> list[Chunk]:
             for split in order for i in range(0, len(by_split[split]), shard_size)]
 
 
-def _process(path: str, config: PreprocessConfig, sizes: tuple[int, ...]):
-    """Worker: (True, {size: stored image}) or (False, reason). Never raises for a bad image."""
-    import cv2
-    from pipeline.preprocess import ImageError, preprocess_file
-    cv2.setNumThreads(1)  # one image per worker; OpenCV's own threads would oversubscribe the cores
-    try:
-        return True, preprocess_file(path, config, sizes)
-    except ImageError as err:
-        return False, str(err)
-    except cv2.error as err:
-        return False, f"OpenCV could not process it ({str(err).strip().splitlines()[-1]})"
-
-
-def _workers(jobs: int) -> int:
-    return jobs if jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + jobs)  # joblib's meaning of -1, -2, ...
-
-
-def _window(task_bytes: int, workers: int) -> tuple[int, int]:
-    """(images per window, workers) so that one window's results fit RESULT_BUDGET_BYTES (at least one image)."""
-    window = max(1, min(max(MAX_WINDOW, 32 * workers), RESULT_BUDGET_BYTES // max(task_bytes, 1)))
-    return window, min(workers, window)
-
-
-def _parallel_results(tasks, config, backend: str, jobs: int, scheduler: str | None = None,
-                      window: int = MAX_WINDOW):
-    """Results of `_process` over `tasks` (path, sizes), in order, through joblib.
-
-    joblib's generator starts a new task whenever one finishes, however far behind the consumer is, so the tasks run
-    in windows of `window` (one joblib call each, on one pool): at most `window` results exist at once. When the
-    consumer stops early (a bad image, an error while writing), the running window is waited for before the pool is
-    shut down: a worker thread still inside OpenCV when the interpreter exits aborts the process ("terminate called
-    without an active exception", SIGABRT) - joblib's own early exit does not wait for its threads."""
-    if jobs == 1 and backend != "dask":
-        for path, sizes in tasks:
-            yield _process(path, config, sizes)
-        return
-    import joblib
-    with contextlib.ExitStack() as stack:
-        if backend == "dask":
-            from pipeline.dask_backend import DaskUnavailable, dask_parallel_config
-            try:
-                stack.enter_context(dask_parallel_config(scheduler, jobs))
-            except DaskUnavailable as err:
-                raise BuildError(str(err)) from err
-            parallel = joblib.Parallel(n_jobs=-1, return_as="generator")
-        else:
-            parallel = joblib.Parallel(n_jobs=jobs, backend={"threads": "threading", "processes": "loky"}[backend],
-                                       return_as="generator")
-        stack.enter_context(parallel)  # one pool for every window
-        stopping = threading.Event()
-
-        def calls(part):  # joblib pulls tasks from this as workers free up; after `stopping`, no more
-            for path, sizes in part:
-                if stopping.is_set():
-                    return
-                yield joblib.delayed(_process)(path, config, sizes)
-
-        for start in range(0, len(tasks), window):
-            outputs, consumed = parallel(calls(tasks[start:start + window])), False
-            try:
-                for result in outputs:  # not `yield from`: closing this generator must not close `outputs` early
-                    yield result
-                consumed = True
-            finally:
-                if not consumed:
-                    stopping.set()
-                    for _ in outputs:  # wait for the tasks already started (about 2 per worker) before the pool goes
-                        pass
-
-
 # ----------------------------------------------------------------------------- the build
 
 
 def build(config: PreprocessConfig, options: BuildOptions) -> BuildReport:
-    if not options.sizes or any(s < 1 for s in options.sizes):
-        raise BuildError(f"--sizes must be positive integers, got {list(options.sizes)}")
+    if options.jobs == 0 or options.jobs < -(os.cpu_count() or 1):
+        raise BuildError(f"--jobs must be a number of workers >= 1, or -1 for all cores (-2: all but one, ...), got "
+                         f"{options.jobs}")
     if options.on_error not in ("fail", "skip"):
         raise BuildError(f"--on-error must be fail or skip, got {options.on_error!r}")
     if options.backend not in BACKENDS:
         raise BuildError(f"--backend must be one of {', '.join(BACKENDS)}, got {options.backend!r}")
-    sizes = tuple(sorted(set(options.sizes)))
-    for s in sizes:
-        config.geometry(s)  # raises ValueError for an impossible size/rotation combination
     try:
-        source = discover(options.source)
+        sizes = config.check_sizes(options.sizes, options.allow_upscale)  # bounds, and a possible geometry
+    except ValueError as err:
+        raise BuildError(str(err)) from err
+    try:
+        source = discover(options.source, on_error=options.on_error)
     except SourceError as err:
         raise BuildError(str(err)) from err
+    _refuse_empty_source(source)
     key = cache_key(config, source)
     cache_dir = options.cache_root / key
     if _reusable(cache_dir, sizes, options.on_error, options.verify):
@@ -417,7 +346,7 @@ def _build_locked(config, options, source, key, cache_dir: Path, sizes) -> Build
     n_images, bytes_written = _write_chunks(config, options, source, cache_dir, todo_chunks, known_skipped, done)
     if rebuild:
         _check_rebuilt(cache_dir, manifest, rebuild, done)
-    skipped = _all_skipped(manifest, chunks, new_sizes, done)
+    skipped = _all_skipped(manifest, source, chunks, new_sizes, done)
     _refuse_empty(items, skipped)
     manifest = _manifest(config, source, key, manifest, split_record, items, chunks, new_sizes, done, skipped)
     store.write_json_atomic(cache_dir / store.MANIFEST, manifest)
@@ -446,6 +375,14 @@ def _check_free_space(config, cache_root: Path, key: str, chunks: list[Chunk], k
             f"or pass --cache-dir on a disk with more room")
 
 
+def _results(*args):
+    """parallel.results, with a missing Dask installation said as a build error."""
+    try:
+        yield from parallel.results(*args)
+    except DaskUnavailable as err:
+        raise BuildError(str(err)) from err
+
+
 def _write_chunks(config, options, source, cache_dir, chunks: list[Chunk], known_skipped: dict,
                   done: dict) -> tuple[int, int]:
     """Preprocess every image of `chunks` in parallel; the parent alone writes shards, in order, into `done`.
@@ -457,15 +394,14 @@ def _write_chunks(config, options, source, cache_dir, chunks: list[Chunk], known
         return 0, 0
     bytes_written = 0
     task_bytes = max(sum(config.geometry(s).stored_size ** 2 * 3 for s in c.todo_sizes) for c in chunks)
-    window, workers = _window(task_bytes, _workers(options.jobs))
+    window, workers = parallel.window_for(task_bytes, parallel.workers(options.jobs))
     jobs = options.jobs
-    if workers < _workers(options.jobs) and options.backend != "dask":  # a Dask cluster's size is its own
+    if workers < parallel.workers(options.jobs) and options.backend != "dask":  # a Dask cluster's size is its own
         log.info("%.0f MiB of stored pixels per image: %d workers, at most %d images in memory", task_bytes / 2**20,
                  workers, window)
         jobs = workers
     # (a chunk of images left out earlier still gets its shard, empty like the first build's, and starts no pool)
-    outputs = _parallel_results(tasks, config, options.backend, jobs, options.scheduler, window) if tasks \
-        else iter(())
+    outputs = _results(tasks, config, options.backend, jobs, options.scheduler, window) if tasks else iter(())
     bar = progress_bar(options.progress, len(tasks), "preprocess", "img", log)
     writers: list[store.ShardWriter] = []
     try:
@@ -519,9 +455,10 @@ def _check_rebuilt(cache_dir: Path, manifest: dict, rebuilt: set[str], done: dic
                         "the manifest now records its new checksum", cache_dir / file)
 
 
-def _all_skipped(manifest: dict | None, chunks: list[Chunk], new_sizes, done: dict) -> list[dict]:
-    """The manifest's `skipped`: what earlier builds left out, then what the new shards left out, in plan order."""
-    skipped = list(manifest["skipped"]) if manifest else []
+def _all_skipped(manifest: dict | None, source: Source, chunks: list[Chunk], new_sizes, done: dict) -> list[dict]:
+    """The manifest's `skipped`: what earlier builds (or, for a new cache, the source listing: bad label rows,
+    unusable names) left out, then what the new shards left out, in plan order."""
+    skipped = list(manifest["skipped"]) if manifest else [s.as_dict() for s in source.skipped]
     seen = {s["path"] for s in skipped}
     for chunk in chunks:
         for size in new_sizes:
@@ -530,6 +467,23 @@ def _all_skipped(manifest: dict | None, chunks: list[Chunk], new_sizes, done: di
                     seen.add(s["path"])
                     skipped.append(s)
     return skipped
+
+
+def _refuse_empty_source(source: Source) -> None:
+    """With --on-error skip the listing itself may leave out rows (bad labels, unusable names): refuse a source
+    left with no image, or with no image of a class, before anything is read."""
+    if not source.skipped:
+        return
+    shown = "; ".join(f"{s.path}: {s.reason}" for s in source.skipped[:3]) + ("; ..." if len(source.skipped) > 3
+                                                                              else "")
+    if not source.items:
+        raise BuildError(f"no usable image: all {len(source.skipped)} listed images were left out ({shown}); nothing "
+                         f"was cached. Fix those rows or files (or check --source)")
+    labels = {it.label for it in source.items}
+    for label, name in enumerate(CLASS_NAMES):
+        if label not in labels:
+            raise BuildError(f"class {name} would be empty after leaving out {len(source.skipped)} listed images "
+                             f"({shown}); nothing was cached. Fix those rows or files")
 
 
 def _refuse_empty(items: list[Item], skipped: list[dict]) -> None:
@@ -638,6 +592,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-px", type=int, default=d.reference_px, help="image side the crop refers to (px)")
     p.add_argument("--max-rotation-deg", type=float, default=d.max_rotation_deg,
                    help="largest training rotation the stored context must allow")
+    p.add_argument("--allow-upscale", action="store_true",
+                   help="allow --sizes above the crop's source pixels (--crop-px), up to 4096; they only enlarge")
     p.add_argument("--verify", action="store_true",
                    help="re-check the sha256 of every shard of a complete cache and rebuild any that differ (default: "
                         "a shard's presence and byte size are checked; a mismatch triggers the full check)")
@@ -670,7 +626,7 @@ def main(argv=None) -> int:
             source = args.source
         options = BuildOptions(sizes=tuple(args.sizes), source=source, cache_root=args.cache_dir, jobs=args.jobs,
                                backend=args.backend, on_error=args.on_error, scheduler=args.scheduler,
-                               progress=args.progress, verify=args.verify)
+                               progress=args.progress, verify=args.verify, allow_upscale=args.allow_upscale)
         report = build(config, options)
     except (BuildError, ValueError, store.CacheError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -159,7 +159,7 @@ class Geometry:
 
 def _fractions(value) -> tuple[float, float, float]:
     """Three positive finite train/valid/test fractions summing to 1, or a ValueError naming the flag."""
-    rule = f"--split-fractions (split_fractions) must be three positive numbers (train valid test) summing to 1"
+    rule = "--split-fractions (split_fractions) must be three positive numbers (train valid test) summing to 1"
     if not isinstance(value, (tuple, list)) or len(value) != 3:
         raise ValueError(f"{rule}, got {value!r}")
     if any(isinstance(f, bool) or not isinstance(f, numbers.Real) for f in value):

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import build as build_mod
+from pipeline import parallel as parallel_mod
 from pipeline import store
 from pipeline.build import BuildError, BuildOptions, build, main
 from pipeline.cache import main as cache_main
@@ -84,7 +84,7 @@ def test_reuse_opens_no_image_and_touches_nothing(kaggle_source, tmp_path, monke
 
     def no_images(*args, **kwargs):
         raise AssertionError("a reused cache must not preprocess any image")
-    monkeypatch.setattr(build_mod, "_process", no_images)
+    monkeypatch.setattr(parallel_mod, "process", no_images)
     again = run(kaggle_source, tmp_path / "cache", sizes=(32,))
     assert again.reused and again.cache_dir == first.cache_dir and tree(first.cache_dir) == before
 

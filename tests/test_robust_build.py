@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from pipeline import build as build_mod
+from pipeline import parallel as parallel_mod
 from pipeline import store
 from pipeline.build import BuildError, BuildOptions, StorageError, build, main
 from pipeline.cache import main as cache_main
@@ -253,8 +254,8 @@ def test_closing_the_results_early_waits_for_running_tasks_and_starts_no_more(mo
             active[0] -= 1
         return True, path
 
-    monkeypatch.setattr(build_mod, "_process", slow)
-    outputs = build_mod._parallel_results([(str(i), (16,)) for i in range(200)], None, "threads", 2, window=100)
+    monkeypatch.setattr(parallel_mod, "process", slow)
+    outputs = parallel_mod.results([(str(i), (16,)) for i in range(200)], None, "threads", 2, window=100)
     assert [next(outputs)[1] for _ in range(3)] == ["0", "1", "2"]
     outputs.close()
     assert active[0] == 0 and started[0] <= 3 + 2 * 2 + 2  # consumed + joblib's pre-dispatch, not the window
@@ -266,7 +267,7 @@ def test_closing_the_results_early_waits_for_running_tasks_and_starts_no_more(mo
 def test_too_little_free_space_stops_before_any_image_is_read(kaggle_source, tmp_path, monkeypatch, capsys):
     Usage = type(shutil.disk_usage(tmp_path))
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 5000, 5000))
-    monkeypatch.setattr(build_mod, "_process", lambda *a: pytest.fail("no image may be read"))
+    monkeypatch.setattr(parallel_mod, "process", lambda *a: pytest.fail("no image may be read"))
     with pytest.raises(StorageError) as err:
         run(kaggle_source, tmp_path / "cache", sizes=(16, 32))
     message = str(err.value)
@@ -474,10 +475,10 @@ def test_large_images_are_buffered_one_at_a_time(tmp_path, monkeypatch):
 
 
 def test_the_window_of_results_is_bounded_by_bytes():
-    assert build_mod._window(338 * 2**10, 2) == (build_mod.MAX_WINDOW, 2)  # 128 + 224 px: unchanged
-    window, jobs = build_mod._window(127 * 2**20, 16)  # 6,500 px stored images on a 16-core machine
-    assert window == 4 and jobs == 4 and window * 127 * 2**20 <= build_mod.RESULT_BUDGET_BYTES
-    assert build_mod._window(2 * build_mod.RESULT_BUDGET_BYTES, 8) == (1, 1)
+    assert parallel_mod.window_for(338 * 2**10, 2) == (parallel_mod.MAX_WINDOW, 2)  # 128 + 224 px: unchanged
+    window, jobs = parallel_mod.window_for(127 * 2**20, 16)  # 6,500 px stored images on a 16-core machine
+    assert window == 4 and jobs == 4 and window * 127 * 2**20 <= parallel_mod.RESULT_BUDGET_BYTES
+    assert parallel_mod.window_for(2 * parallel_mod.RESULT_BUDGET_BYTES, 8) == (1, 1)
 
 
 def test_results_never_run_more_than_a_window_ahead_of_a_slow_writer(monkeypatch):
@@ -489,9 +490,9 @@ def test_results_never_run_more_than_a_window_ahead_of_a_slow_writer(monkeypatch
             produced[0] += 1
         return True, path
 
-    monkeypatch.setattr(build_mod, "_process", instant)
+    monkeypatch.setattr(parallel_mod, "process", instant)
     ahead = []
-    for i, (ok, path) in enumerate(build_mod._parallel_results([(str(i), (16,)) for i in range(64)], None,
+    for i, (ok, path) in enumerate(parallel_mod.results([(str(i), (16,)) for i in range(64)], None,
                                                                "threads", 2, window=8)):
         assert path == str(i)
         time.sleep(0.003)  # the writer is the slow side
@@ -502,7 +503,38 @@ def test_results_never_run_more_than_a_window_ahead_of_a_slow_writer(monkeypatch
 def test_a_tight_memory_budget_writes_the_same_bytes(kaggle_source, tmp_path, monkeypatch):
     default = run(kaggle_source, tmp_path / "a", sizes=(16, 32), jobs=2)
     g = PreprocessConfig().geometry(32).stored_size
-    monkeypatch.setattr(build_mod, "RESULT_BUDGET_BYTES", 3 * g * g * 3)  # 3 images in flight, 2 workers
+    monkeypatch.setattr(parallel_mod, "RESULT_BUDGET_BYTES", 3 * g * g * 3)  # 3 images in flight, 2 workers
     monkeypatch.setattr(store, "WRITE_BUFFER_BYTES", 1)  # one image per write
     tight = run(kaggle_source, tmp_path / "b", sizes=(16, 32), jobs=2)
     assert store.read_manifest(tight.cache_dir)["sizes"] == store.read_manifest(default.cache_dir)["sizes"]
+
+
+def test_bad_label_rows_are_skipped_and_listed_or_stop_the_build(tmp_path, capsys):
+    """sources.discover(on_error=) wired through the build: a bad labels.csv row is left out and listed with
+    --on-error skip (and in the manifest), and names the row otherwise."""
+    build_main = main
+    root = tmp_path / "src"
+    rows = []
+    for label, cls in ((1, "all"), (0, "hem")):
+        for path in write_images(root / cls, [f"UID_{p}_{i}_1_{cls}.bmp" for p in ("1", "2", "3") for i in range(2)],
+                                 label, side=48):
+            rows.append(f"{cls}/{path.name},{label}")
+    rows[0] = rows[0].rsplit(",", 1)[0] + ",1.7"
+    (root / "labels.csv").write_text("Path,label\n" + "\n".join(rows) + "\n")
+    args = ["--source", str(root), "--cache-dir", str(tmp_path / "c"), "--sizes", "16", "--no-progress", "--jobs", "1"]
+    assert build_main(args) == 2
+    assert "row 2 has label '1.7'" in capsys.readouterr().err
+    assert build_main(args + ["--on-error", "skip"]) == 0
+    cache_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert [s["path"] for s in manifest["skipped"]] == [rows[0].split(",")[0]]
+    assert sum(info["count"] for info in manifest["splits"].values()) == len(rows) - 1
+    assert build_main(["--demo", "--sizes", "300", "--cache-dir", str(tmp_path / "d"), "--no-progress"]) == 2
+    assert "--allow-upscale" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1000"])
+def test_jobs_without_a_meaning_are_refused_by_name(tmp_path, capsys, jobs):
+    assert main(["--demo", "--sizes", "16", "--cache-dir", str(tmp_path / "c"), "--no-progress", "--jobs", jobs]) == 2
+    assert "--jobs must be a number of workers >= 1, or -1 for all cores" in capsys.readouterr().err
+    assert not list((tmp_path / "c").glob("[0-9a-f]" * 16))
