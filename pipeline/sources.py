@@ -232,8 +232,7 @@ def read_list(csv_path: Path, root: Path, split: str | None, labelled: bool = Tr
     for index, record in enumerate(table.to_dict("records")):
         row, text = index + 2, _cell(record["Path"])
         if not text:
-            problems.report(f"{_rel(root, csv_path)} row {row}", f"{csv_path.name} row {row}: empty Path",
-                            f"{csv_path}: row {row} has an empty Path; every row must name an image")
+            _report_empty_name(problems, root, csv_path, row, "Path")
             continue
         path = Path(text) if Path(text).is_absolute() else csv_path.parent / text
         rel = _rel(root, path)
@@ -241,6 +240,11 @@ def read_list(csv_path: Path, root: Path, split: str | None, labelled: bool = Tr
         if label is not None:
             items.append(Item(rel, label, patient_of(path.name), split))
     return items
+
+
+def _report_empty_name(problems: "_Problems", root: Path, csv_path: Path, row: int, column: str) -> None:
+    problems.report(f"{_rel(root, csv_path)} row {row}", f"{csv_path.name} row {row}: empty {column}",
+                    f"{csv_path}: row {row} has an empty {column}; every row must name an image")
 
 
 def _kaggle_root(root: Path) -> Path | None:
@@ -262,8 +266,7 @@ def _prelim_labels(root: Path, prelim: Path, problems: _Problems) -> tuple[dict,
     for index, rec in enumerate(table.to_dict("records")):
         row, name = index + 2, _cell(rec["new_names"])
         if not name:
-            problems.report(f"{_rel(root, labels_csv)} row {row}", f"{labels_csv.name} row {row}: empty new_names",
-                            f"{labels_csv}: row {row} has an empty new_names; every row must name an image")
+            _report_empty_name(problems, root, labels_csv, row, "new_names")
             continue
         label = _label(_cell(rec["labels"]), labels_csv, row, _rel(root, prelim / name), True, problems)
         if label is None:
