@@ -162,11 +162,11 @@ def time_training(loader: CacheLoader, augment: GpuAugment, device: torch.device
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
 
-        def resident_step(batch):
+        def resident_step(batch, model=model, opt=opt):  # bound now: both are deleted after this model
             train_step(model, batch[0], batch[1], opt, precision, device)
             return batch_size
 
-        def fed_step(batch):
+        def fed_step(batch, model=model, opt=opt):
             x, y = batch
             x = precision.prepare(augment.apply(x, augment.sample(len(y), generator)))
             train_step(model, x, y, opt, precision, device)
