@@ -14,10 +14,6 @@ from pathlib import Path
 from pipeline import housekeeping, store
 
 
-def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def list_caches(cache_root: Path) -> list[dict]:
     """One row per complete cache under `cache_root`, newest first; a manifest that cannot be read gives a row
     with `damaged` (the reason) instead of hiding every other cache."""
@@ -32,14 +28,14 @@ def list_caches(cache_root: Path) -> list[dict]:
                 "layout": m["source"]["layout"],
                 "sizes": [int(s) for s in m["sizes"]],
                 "counts": {split: info["count"] for split, info in m["splits"].items()},
-                "bytes": folder_bytes(manifest_path.parent),
+                "bytes": housekeeping.path_bytes(manifest_path.parent),
                 "created": m["created"],
             })
         except (ValueError, KeyError, TypeError, AttributeError, OSError) as err:
             reason = (f"{err.path}: {err.problem}" if isinstance(err, store.ManifestError)
                       else f"{manifest_path}: {type(err).__name__}: {err}")
             rows.append({"key": manifest_path.parent.name, "path": str(manifest_path.parent), "damaged": reason,
-                         "bytes": folder_bytes(manifest_path.parent), "created": ""})
+                         "bytes": housekeeping.path_bytes(manifest_path.parent), "created": ""})
     return sorted(rows, key=lambda r: r["created"], reverse=True)
 
 
@@ -91,7 +87,7 @@ def _list(cache_dir: Path) -> int:
         counts = " ".join(f"{k}={v}" for k, v in r["counts"].items())
         print(f"{r['key']}  {r['layout']:<13} sizes={r['sizes']}  {counts}  {_mib(r['bytes'])}  "
               f"{r['created']}  {r['source']}")
-    total = folder_bytes(cache_dir) if cache_dir.is_dir() else 0
+    total = housekeeping.path_bytes(cache_dir) if cache_dir.is_dir() else 0
     print(f"{len(rows)} cache(s); {_mib(total)} in all under {cache_dir} (demo source and leftovers included)")
     return 0
 

@@ -50,8 +50,11 @@ def test_staged_batches_survive_buffer_reuse_and_early_stop(cache_dir, kw):
 
 def test_a_producer_error_reaches_the_consumer(cache_dir):
     loader = _staged(CacheLoader(cache_dir, SIZE, "train", 4, train=True, mode="streaming", block_images=3))
-    loader.shard_paths = [p.with_name("missing.h5") for p in loader.shard_paths]
-    with pytest.raises(OSError):
+
+    def fail(*args, **kwargs):
+        raise OSError("disk went away")
+    loader.reader.open_shard = fail  # the reader thread's first open fails
+    with pytest.raises(OSError, match="disk went away"):
         list(loader)
 
 

@@ -30,7 +30,6 @@ import threading
 from contextlib import closing
 from dataclasses import dataclass
 
-import h5py
 import numpy as np
 import torch
 
@@ -223,8 +222,7 @@ class CacheLoader:
             offset = 0
             for i, count in enumerate(self.shard_counts):
                 host = np.empty((count,) + shape[1:], np.uint8)
-                self.reader.check_shard(self.size, self.split, i)  # against the manifest's sha256
-                with h5py.File(self.shard_paths[i], "r") as f:
+                with self.reader.open_shard(self.size, self.split, i) as f:  # checked against its sha256
                     f["images"].read_direct(host)
                 data[offset:offset + count].copy_(torch.from_numpy(host))
                 offset += count
@@ -378,8 +376,9 @@ class CacheLoader:
                     if b.shard != open_shard:
                         if f is not None:
                             f.close()
-                        self.reader.check_shard(self.size, self.split, b.shard)  # against the manifest's sha256
-                        f, open_shard = h5py.File(self.shard_paths[b.shard], "r", rdcc_nbytes=0), b.shard
+                        # checked against its sha256 (once per process), named if HDF5 cannot open it
+                        f = self.reader.open_shard(self.size, self.split, b.shard, rdcc_nbytes=0)
+                        open_shard = b.shard
                     f["images"].read_direct(images, np.s_[b.start:b.stop], np.s_[at:at + len(b)])
                     at += len(b)
                 yield images, rows, window

@@ -16,7 +16,6 @@ import logging
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
@@ -58,10 +57,10 @@ def _cells_from_source(source: Path) -> tuple[Path, pd.DataFrame]:
 
 
 def _cached_image(reader: CacheReader, size: int, rel_path: str) -> np.ndarray:
-    """The stored image of `rel_path` at `size`, read from the cache's shards."""
+    """The stored image of `rel_path` at `size`, read from the cache's (checked) shards."""
     for split in reader.splits:
-        for shard in reader.shard_paths(size, split):
-            with h5py.File(shard, "r") as f:
+        for index in range(len(reader.shards(size, split))):
+            with reader.open_shard(size, split, index) as f:
                 paths = f["paths"].asstr()[()]
                 hits = np.flatnonzero(paths == rel_path)
                 if len(hits):
