@@ -101,8 +101,14 @@ def main(argv=None) -> int:
         from train import bench_gpu
         if _cuda_missing(args.device):
             return 2
+        def on_stage(partial: dict) -> None:
+            name, stage = list(partial["stages"].items())[-1]
+            print(f"gpu check: {name} {stage['status']} in {stage['seconds']} s", file=sys.stderr, flush=True)
+            if args.json:  # a check stopped by a time limit keeps the parts it finished
+                args.json.write_text(json.dumps(partial, indent=2) + "\n")
+
         result = bench_gpu.run(device=args.device, quick=args.quick, work_dir=args.work_dir,
-                               progress=args.progress)
+                               progress=args.progress, on_stage=on_stage)
         print(bench_gpu.report(result))
         code = 0 if result["ok"] else 1
     if args.json:

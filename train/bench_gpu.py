@@ -275,7 +275,9 @@ def device_info(device: torch.device) -> dict:
 
 
 def run(device: str = "cuda", quick: bool = False, work_dir: Path | None = None, plan: Plan | None = None,
-        progress="off") -> dict:
+        progress="off", on_stage=None) -> dict:
+    """The whole check. `on_stage(result)` is called after each part, so a check stopped by a time limit still
+    leaves the parts it finished (the CLI rewrites --json and logs one line per part)."""
     device = torch.device(device)
     plan = plan or (QUICK if quick else Plan())
     if device.type == "cuda":
@@ -288,6 +290,8 @@ def run(device: str = "cuda", quick: bool = False, work_dir: Path | None = None,
     def staged(name, fn, *args):
         stages[name] = _stage(fn, *args)
         bar.update()
+        if on_stage is not None:
+            on_stage(result)
 
     staged("tests", check_tests, plan)  # first, while this process holds no device memory
     staged("augmentation", check_augmentation, plan, device)
