@@ -161,8 +161,15 @@ def test_the_benchmarks_training_steps_run(cache_dir):
     augment = GpuAugment.from_manifest(store.read_manifest(cache_dir), SIZE).train()
     # more steps than an epoch has batches: the fed loop must go on into the next epoch
     steps = loader.n // 8 + 2
-    result = time_training(loader, augment, torch.device("cpu"), models=("resnet18",), steps=steps, warmup_steps=1)
+    result = time_training(loader, augment, torch.device("cpu"), models=("resnet18",), steps=steps, warmup_steps=1,
+                           rounds=3)
     r = result["resnet18"]
+    # medians of alternating rounds, and the resident rounds' spread beside them
+    assert len(r["resident_rounds"]) == len(r["fed_rounds"]) == 3
+    assert r["resident_imgs_per_s"] == sorted(r["resident_rounds"])[1]
+    assert r["fed_imgs_per_s"] == sorted(r["fed_rounds"])[1]
+    rates = r["resident_rounds"]
+    assert r["resident_spread"] == pytest.approx((max(rates) - min(rates)) / r["resident_imgs_per_s"])
     assert len(loader) < steps and r["images"] == steps * 8 and r["batch_size"] == 8 and r["size"] == SIZE
     assert np.isfinite(r["resident_imgs_per_s"]) and r["resident_imgs_per_s"] > 0
     assert np.isfinite(r["fed_imgs_per_s"]) and r["fed_imgs_per_s"] > 0

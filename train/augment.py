@@ -123,13 +123,16 @@ class GpuAugment(nn.Module):
         return self.backend
 
     def compile(self, **kwargs) -> "GpuAugment":
-        """Compile the torch backend's device part with fullgraph=True (kwargs go to torch.compile); returns self.
+        """Compile the torch backend's device part with fullgraph=True and static shapes (kwargs go to torch.compile);
+        returns self.
 
         Only the device part: the host-side packing and its pinned non_blocking copy stay eager (Inductor is known
         to miscompile a non_blocking copy of a CPU tensor computed inside a graph). Unlike nn.Module.compile this
         leaves `forward` as it is; the OpenCV backend and eval mode are not affected.
         """
-        self._torch_apply = torch.compile(augment_torch.apply_packed, **{"fullgraph": True, **kwargs})
+        # static shapes, as the trainer's model (train/trainer.py, COMPILE_OPTIONS): one graph per stage size
+        self._torch_apply = torch.compile(augment_torch.apply_packed,
+                                          **{"fullgraph": True, "dynamic": False, **kwargs})
         return self
 
     # ------------------------------------------------------------------ parameters

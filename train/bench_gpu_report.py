@@ -68,10 +68,14 @@ def _training(s: dict) -> list[str]:
     lines = [f"### Training step (AMP {amp or 'off'}, channels_last, {s.get('size', '?')} px, batch "
              f"{s.get('batch_size', '?')}; fed by the loader ({s.get('loader', '?')}) + augmentation "
              f"({s.get('augment_backend', '?')})); data share = 1 - fed / resident", ""] + _status_line(s)
+    rounds = next((r["rounds"] for r in s.get("rows", []) if "rounds" in r), "?")
+    lines[0] += (f"; medians of {rounds} alternating rounds, resident spread = (slowest - fastest) / median of the "
+                 f"resident rounds, the noise a data share must exceed")
     cells = [lambda r: _num(r["resident_imgs_per_s"]), lambda r: _num(r["fed_imgs_per_s"]),
-             lambda r: _pct(r["data_share"])]
+             lambda r: _pct(r["data_share"]), lambda r: _pct(r["resident_spread"])]
     rows = [[r["model"], *_figures(r, cells)] for r in s.get("rows", [])]
-    return lines + (_table(["model", "resident batch imgs/s", "fed imgs/s", "data share"], rows) if rows else [])
+    return lines + (_table(["model", "resident batch imgs/s", "fed imgs/s", "data share", "resident spread"], rows)
+                    if rows else [])
 
 
 def _demo(s: dict) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -138,7 +139,7 @@ def time_augment(augment: GpuAugment, images: torch.Tensor, calls: int, warmup_c
 
 def time_training(loader: CacheLoader, augment: GpuAugment, device: torch.device,
                   models=("resnet18", "resnet50", "resnet152"), steps: int = 30, warmup_steps: int = 5,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, rounds: int = 3) -> dict:
     """Per model: training-step images/s fed by the loader + augmentation, and on a resident synthetic batch
     already on the device, both measured here, and the share of the fed step's time that data costs:
 
@@ -146,6 +147,11 @@ def time_training(loader: CacheLoader, augment: GpuAugment, device: torch.device
 
     AMP and channels_last as train.run uses them. The share counts loading and augmentation only where they do not
     overlap with the model's work (the device waiting, or busy augmenting); noise can make it slightly negative.
+
+    The two are timed in `rounds` alternating rounds of `steps` steps, and each figure is the median of its rounds:
+    on an H200 an eager ResNet step at batch 64 is bound by the host's kernel launches, and the same resident step
+    measured twice in one process differed by 20% (43 vs 52 ms for ResNet152), more than the data share itself.
+    `resident_spread` = (slowest - fastest) / median resident round: a data share below it is within the noise.
     """
     from models import build_model
     from train.loop import Precision, train_step
@@ -172,16 +178,22 @@ def time_training(loader: CacheLoader, augment: GpuAugment, device: torch.device
             train_step(model, x, y, opt, precision, device)
             return len(y)
 
-        count, seconds = time_steps(resident_step, itertools.repeat((x_resident, y_resident)), steps,
-                                    warmup_steps, device)
-        resident = count / seconds
+        resident_rates, fed_rates = [], []
         batches = cycle(loader)
         try:
-            images, seconds = time_steps(fed_step, batches, steps, warmup_steps, device)
+            for round_ in range(rounds):
+                warmup = warmup_steps if round_ == 0 else 0
+                count, seconds = time_steps(resident_step, itertools.repeat((x_resident, y_resident)), steps,
+                                            warmup, device)
+                resident_rates.append(count / seconds)
+                images, seconds = time_steps(fed_step, batches, steps, warmup, device)
+                fed_rates.append(images / seconds)
         finally:
             batches.close()
-        fed = images / seconds
+        resident, fed = statistics.median(resident_rates), statistics.median(fed_rates)
         results[name] = {"resident_imgs_per_s": resident, "fed_imgs_per_s": fed, "data_share": 1 - fed / resident,
+                         "resident_spread": (max(resident_rates) - min(resident_rates)) / resident,
+                         "rounds": rounds, "resident_rounds": resident_rates, "fed_rounds": fed_rates,
                          "batch_size": batch_size, "size": size, "steps": steps, "images": images,
                          "amp_dtype": str(precision.amp_dtype).replace("torch.", "") if precision.amp_dtype else None}
         del model, opt
