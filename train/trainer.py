@@ -69,6 +69,17 @@ def library_versions() -> dict:
             "kornia": kornia.__version__, "h5py": h5py.__version__, "numpy": np.__version__}
 
 
+def preprocess_record(manifest: dict, sizes) -> dict:
+    """What turns a raw image into the model's input, from the cache's manifest: the preprocessing parameters, the
+    class names and, per trained size, the stored size and the normalisation. Saved in config.json, so that
+    `train.predict` preprocesses new images exactly as the cache did even when the cache folder is gone. Shaped like
+    the manifest's own fields, so `GpuAugment.from_manifest(record, size)` reads it too."""
+    keep = ("stored_size", "mean", "std")
+    return {"cache_key": manifest["key"], "config": manifest["config"],
+            "classes": list(manifest.get("classes", ("hem", "all"))),
+            "sizes": {str(s): {k: manifest["sizes"][str(s)][k] for k in keep} for s in sorted(set(sizes))}}
+
+
 def rng_states(device: torch.device) -> dict:
     states = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -163,7 +174,9 @@ class Trainer:
     # ------------------------------------------------------------------ files
 
     def write_config(self) -> None:
-        data = {"config": self.config.as_dict(), "versions": library_versions(),
+        data = {"config": self.config.as_dict(),
+                "preprocess": preprocess_record(self.reader.manifest, [s.size for s in self.config.stages]),
+                "versions": library_versions(),
                 "world_size": self.dist.world_size,
                 "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"}
         (self.run_dir / "config.json").write_text(json.dumps(data, indent=2) + "\n")
