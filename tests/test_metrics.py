@@ -30,3 +30,26 @@ def test_loss_and_accuracy_from_probabilities():
     assert acc == pytest.approx(2 / 3)
     assert loss == pytest.approx(-(np.log(0.9) + np.log(0.8) + np.log(0.4)) / 3)
     assert all(np.isnan(v) for v in loss_and_acc(probs, np.array([-1, -1, -1])))
+
+
+def test_patient_table_and_summary_against_hand_counts():
+    from train.metrics import patient_summary, patient_table
+    patients = ["P2", "P1", "P1", "P2", "P2", "H3", "H3"]
+    labels = [1, 1, 1, 1, 1, 0, 0]
+    probs = [0.9, 0.2, 0.7, 0.4, 0.8, 0.1, 0.6]  # P1: 1 of 2 right, P2: 2 of 3, H3: 1 of 2
+    table = patient_table(patients, probs, labels)
+    assert table["patient"].tolist() == ["H3", "P1", "P2"]
+    assert table["cells"].tolist() == [2, 2, 3] and table["label"].tolist() == [0, 1, 1]
+    assert table["accuracy"].tolist() == pytest.approx([0.5, 0.5, 2 / 3])
+    assert table["predicted_all_share"].tolist() == pytest.approx([0.5, 0.5, 2 / 3])
+    assert table["mean_prob_all"].tolist() == pytest.approx([0.35, 0.45, 0.7])
+    assert table["predicted_label"].tolist() == [1, 1, 1]  # a tie calls `all`
+    s = patient_summary(table)
+    assert s["patients"] == s["labelled_patients"] == 3
+    assert s["mean_patient_accuracy"] == pytest.approx((0.5 + 0.5 + 2 / 3) / 3)
+    assert s["min_patient_accuracy"] == 0.5 and s["max_patient_accuracy"] == pytest.approx(2 / 3)
+    assert s["patient_call_accuracy"] == pytest.approx(2 / 3)  # H3 called `all`: wrong
+    # unlabelled (a test set without labels): counts and shares, no accuracy
+    blind = patient_table(patients, probs)
+    assert blind["label"].tolist() == [-1, -1, -1] and blind["accuracy"].isna().all()
+    assert patient_summary(blind)["mean_patient_accuracy"] is None

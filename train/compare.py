@@ -1,5 +1,8 @@
-"""`python -m train.compare RUN_DIR... [--out compare.png]`: the runs' valid-accuracy curves in one figure and a
-markdown table (model, best valid acc, test acc, test F1, seconds per epoch), as the report compared its models."""
+"""`python -m train.compare RUN_DIR|CV_DIR... [--out compare.png]`: the runs' valid-accuracy curves in one figure and
+a markdown table (model, best valid acc, test acc, test F1, seconds per epoch), as the report compared its models.
+
+A cross-validation folder (train.cv, with cv_summary.json) is one row of mean +- standard deviation over its folds,
+and one curve: the folds' mean valid accuracy per epoch."""
 from __future__ import annotations
 
 import argparse
@@ -16,9 +19,34 @@ def _fmt(value, digits=4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _pm(stat: dict, digits=4) -> str:
+    if stat is None or stat.get("mean") is None:
+        return "n/a"
+    return f"{stat['mean']:.{digits}f} +- {stat['std']:.{digits}f}"
+
+
+def _cv_row(cv_dir: Path) -> tuple[str, tuple[str, pd.DataFrame]]:
+    summary = json.loads((cv_dir / "cv_summary.json").read_text())
+    metrics = pd.concat([pd.read_csv(cv_dir / f["run_dir"] / "metrics.csv") for f in summary["folds"]])
+    mean_curve = metrics.groupby("epoch", as_index=False)["valid_acc"].mean()
+    name = f"{summary['model']} {summary['k']}-fold CV"
+    row = (f"| {name} | {cv_dir.name} | {_pm(summary['best_valid_acc'])} | {_pm(summary['test_acc'])} | "
+           f"{_pm(summary['test_f1_weighted'])} | {_pm(summary['seconds_per_epoch'], 2)} |")
+    return row, (f"{name} ({cv_dir.name}), mean of folds", mean_curve)
+
+
 def compare(run_dirs: list[Path], out: Path) -> str:
     rows, curves = [], []
     for run in run_dirs:
+        if (run / "cv_summary.json").is_file():
+            row, curve = _cv_row(run)
+            rows.append(row)
+            curves.append(curve)
+            continue
+        if (run / "cv.json").is_file():
+            print(f"skipped {run}: the cross-validation has not finished (continue it with python -m train.cv "
+                  f"MODEL --resume {run})", file=sys.stderr)
+            continue
         summary_path, metrics_path = run / "summary.json", run / "metrics.csv"
         if not summary_path.is_file():
             raise FileNotFoundError(f"{run}: no summary.json; is the run finished? "

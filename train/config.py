@@ -84,6 +84,8 @@ class TrainConfig:
     compile: bool = False
     stem: str = "standard"
     pretrained: str | None = None
+    # a cross-validation fold's record (train/folds.py; made by train.cv), or None: the cache's own train and valid
+    fold: dict | None = None
 
     def __post_init__(self):
         if self.model not in MODEL_NAMES:

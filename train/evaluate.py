@@ -20,10 +20,11 @@ from train import checkpoint as ckpt
 from train.augment import GpuAugment
 from train.config import TrainConfig
 from train.distributed import Dist, setup, teardown
-from train.loader import CacheLoader
 from train.loop import Precision, predict
-from train.metrics import classification_report
-from train.report import plot_confusion, plot_curves, split_result_lines, write_predictions
+from train.folds import run_loader
+from train.metrics import classification_report, patient_summary, patient_table
+from train.report import plot_confusion, plot_curves, split_result_lines, write_predictions, write_table
+from train.tta import DihedralTTA
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,11 @@ def _nan_to_none(value):
 
 
 def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = None, dist: Dist = Dist(),
-                 batch_size: int | None = None, checkpoint: str = "best.pt") -> dict:
-    """Evaluate `checkpoint` of a run on `splits`; rank 0 writes the reports. Returns the summary."""
+                 batch_size: int | None = None, checkpoint: str = "best.pt", tta: bool = False) -> dict:
+    """Evaluate `checkpoint` of a run on `splits`; rank 0 writes the reports. Returns the summary.
+
+    With `tta` each split is also evaluated on the mean softmax over the 8 dihedral views of the centre crop; the
+    summary keeps both (`splits` plain, `tta` beside it)."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     state = ckpt.load(run_dir / checkpoint)
@@ -67,20 +71,29 @@ def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = N
     model.to(dev, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
     augment = GpuAugment.from_manifest(reader.manifest, stage.size).to(dev)
     class_names = tuple(reader.manifest.get("classes", ("hem", "all")))
-    results = {}
+    results, tta_results, patients = {}, {}, {}
     for split in splits:
         if split not in reader.manifest["splits"]:
             log.info("no %s split in the cache; skipped", split)
             continue
-        loader = CacheLoader(reader, stage.size, split, batch_size or stage.batch_size, device=dev, rank=dist.rank,
-                             world_size=dist.world_size)
+        loader = run_loader(reader, config, stage.size, split, batch_size or stage.batch_size, device=dev,
+                            rank=dist.rank, world_size=dist.world_size)
         probs, labels = predict(model, loader, augment, precision, dev, dist)
         labelled = bool(len(labels)) and bool((labels >= 0).all())
         report = classification_report(labels, probs.argmax(1), class_names) if labelled else None
         results[split] = report
+        tta_probs = None
+        if tta:
+            tta_probs, _ = predict(DihedralTTA(model), loader, augment, precision, dev, dist)
+            tta_results[split] = classification_report(labels, tta_probs.argmax(1), class_names) \
+                if labelled else None
+        table = patient_table(loader.patients, probs[:, 1], labels if labelled else None)
+        patients[split] = patient_summary(table)
         if not dist.is_main:
             continue
-        write_predictions(loader.paths, probs[:, 1], run_dir / f"predictions_{split}.csv")
+        write_predictions(loader.paths, probs[:, 1], run_dir / f"predictions_{split}.csv", patients=loader.patients,
+                          probs_all_tta=None if tta_probs is None else tta_probs[:, 1])
+        write_table(table, run_dir / f"patients_{split}.csv")
         if report is not None:
             plot_confusion(report["confusion"], f"{config.model} - {split} ({len(labels)} images, acc "
                            f"{report['accuracy']:.4f})", run_dir / f"confusion_{split}.png", )
@@ -91,7 +104,9 @@ def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = N
             previous = json.loads(previous_path.read_text())
             if (previous.get("checkpoint"), previous.get("checkpoint_epoch")) == (checkpoint, state["epoch"] + 1):
                 results = {**previous.get("splits", {}), **results}
-        summary = _summary(run_dir, config, state, results, checkpoint)
+                patients = {**previous.get("patients", {}), **patients}
+                tta_results = {**(previous.get("tta") or {}).get("splits", {}), **tta_results}
+        summary = _summary(run_dir, config, state, results, checkpoint, patients, tta_results)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         metrics = run_dir / "metrics.csv"
         if metrics.exists() and len(pd.read_csv(metrics)):
@@ -99,7 +114,8 @@ def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = N
     return summary
 
 
-def _summary(run_dir: Path, config: TrainConfig, state: dict, results: dict, checkpoint: str) -> dict:
+def _summary(run_dir: Path, config: TrainConfig, state: dict, results: dict, checkpoint: str, patients: dict,
+             tta_results: dict) -> dict:
     metrics_path = run_dir / "metrics.csv"
     metrics = pd.read_csv(metrics_path) if metrics_path.exists() else pd.DataFrame()
     valid, test = results.get("valid"), results.get("test")
@@ -117,7 +133,18 @@ def _summary(run_dir: Path, config: TrainConfig, state: dict, results: dict, che
         "seconds_per_epoch": round(float(metrics["epoch_s"].mean()), 3) if len(metrics) else None,
         "max_valid_acc_any_stage": _nan_to_none(float(metrics["valid_acc"].max())) if len(metrics) else None,
         "splits": results,
+        # per split: patients, mean / worst / best per-patient accuracy, accuracy of the majority call per patient
+        "patients": patients,
+        # the same figures for the mean softmax over the 8 dihedral views (train.evaluate --tta), beside the plain
+        # ones; None when TTA was not run for this checkpoint
+        "tta": _tta_summary(tta_results) if tta_results else None,
     }
+
+
+def _tta_summary(results: dict) -> dict:
+    valid, test = results.get("valid"), results.get("test")
+    return {"valid_acc": valid["accuracy"] if valid else None, "test_acc": test["accuracy"] if test else None,
+            "test_f1_weighted": test["f1_weighted"] if test else None, "splits": results}
 
 
 def main(argv=None) -> int:
@@ -127,13 +154,17 @@ def main(argv=None) -> int:
     p.add_argument("--split", nargs="+", default=["valid", "test"], help="splits to evaluate")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the run's)")
     p.add_argument("--checkpoint", default="best.pt", help="best.pt or last.pt")
+    p.add_argument("--tta", action="store_true",
+                   help="also evaluate the mean softmax over the 8 dihedral views (flips and 90-degree rotations) of "
+                        "the centre crop; summary.json keeps the plain and TTA figures side by side")
     args = p.parse_args(argv)
     device = args.device
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dist = setup(torch.device(device).type)
     try:
-        summary = evaluate_run(args.run_dir, tuple(args.split), device, dist, checkpoint=args.checkpoint)
+        summary = evaluate_run(args.run_dir, tuple(args.split), device, dist, checkpoint=args.checkpoint,
+                               tta=args.tta)
     except (FileNotFoundError, ckpt.CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

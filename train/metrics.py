@@ -30,3 +30,48 @@ def classification_report(labels, preds, class_names=("hem", "all")) -> dict:
                              "support": int(support[i])} for i, name in enumerate(class_names)},
         "confusion": cm.tolist(),
     }
+
+
+def patient_table(patients, probs_all, labels=None, threshold: float = 0.5):
+    """One row per patient (the clinical unit): `patient, label, cells, accuracy, predicted_all_share,
+    mean_prob_all, predicted_label`, sorted by patient.
+
+    `label` is the patient's true class when every one of its cells has the same known label (C-NMC: a patient is
+    either leukemic or normal), else -1; `accuracy` is the share of its cells classified correctly (NaN without
+    labels). `predicted_label` is the patient-level call by majority of cells (predicted `all` share >= 0.5)."""
+    import pandas as pd  # here, not at the top: the rest of this module is numpy only
+    probs_all = np.asarray(probs_all, np.float64)
+    preds = (probs_all >= threshold).astype(np.int64)
+    known = np.full(len(preds), -1, np.int64) if labels is None else np.asarray(labels, np.int64)
+    frame = pd.DataFrame({"patient": np.asarray(patients, dtype=str), "label": known, "pred": preds,
+                          "prob": probs_all})
+    frame["correct"] = np.where(frame["label"] >= 0, frame["pred"] == frame["label"], np.nan)
+    groups = frame.groupby("patient", sort=True)
+    table = pd.DataFrame({
+        "cells": groups.size(),
+        "label": groups["label"].agg(lambda s: int(s.iloc[0]) if s.nunique() == 1 and s.iloc[0] >= 0 else -1),
+        "accuracy": groups["correct"].mean(),
+        "predicted_all_share": groups["pred"].mean(),
+        "mean_prob_all": groups["prob"].mean(),
+    }).reset_index()
+    table["predicted_label"] = (table["predicted_all_share"] >= 0.5).astype(np.int64)
+    return table[["patient", "label", "cells", "accuracy", "predicted_all_share", "mean_prob_all",
+                  "predicted_label"]]
+
+
+def patient_summary(table) -> dict:
+    """summary.json's per-patient figures of one split: how many patients, the mean, worst and best per-patient
+    accuracy (each patient counts once, whatever its number of cells), and the patient-level accuracy of the
+    majority call. Figures are None where no patient has a known label."""
+    known = table[table["label"] >= 0]
+    if not len(known):
+        return {"patients": int(len(table)), "labelled_patients": 0, "mean_patient_accuracy": None,
+                "min_patient_accuracy": None, "max_patient_accuracy": None, "patient_call_accuracy": None,
+                "worst_patient": None}
+    worst = known.loc[known["accuracy"].idxmin()]
+    return {"patients": int(len(table)), "labelled_patients": int(len(known)),
+            "mean_patient_accuracy": float(known["accuracy"].mean()),
+            "min_patient_accuracy": float(known["accuracy"].min()),
+            "max_patient_accuracy": float(known["accuracy"].max()),
+            "patient_call_accuracy": float((known["predicted_label"] == known["label"]).mean()),
+            "worst_patient": str(worst["patient"])}

@@ -60,15 +60,25 @@ def plot_curves(metrics: pd.DataFrame, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def write_predictions(paths, probs_all: np.ndarray, path: Path) -> None:
-    """One row per image: its file name, the predicted label (1 = all) and the probability of `all`."""
+def write_predictions(paths, probs_all: np.ndarray, path: Path, patients=None, probs_all_tta=None) -> None:
+    """One row per image: its file name, path, patient, the predicted label (1 = all) and the probability of `all`
+    (and of the TTA mean, `prob_all_tta`, when given)."""
     table = pd.DataFrame({
         "image": [Path(p).name for p in paths],
         "path": list(paths),
         "predicted_label": (np.asarray(probs_all) >= 0.5).astype(int),
         "prob_all": np.round(np.asarray(probs_all, np.float64), 6),
     })
+    if patients is not None:
+        table.insert(2, "patient", list(patients))
+    if probs_all_tta is not None:
+        table["prob_all_tta"] = np.round(np.asarray(probs_all_tta, np.float64), 6)
     table.to_csv(path, index=False)
+
+
+def write_table(table: pd.DataFrame, path: Path) -> None:
+    """A per-patient table (train.metrics.patient_table) as CSV, shares and accuracies to 6 decimals."""
+    table.round(6).to_csv(path, index=False)
 
 
 def plot_compare(runs: list[tuple[str, pd.DataFrame]], path: Path) -> None:

@@ -28,7 +28,7 @@ from train import checkpoint as ckpt
 from train.augment import GpuAugment
 from train.config import TrainConfig
 from train.distributed import Dist
-from train.loader import CacheLoader
+from train.folds import run_loader
 from train.loop import Precision, loss_and_acc, predict, train_one_epoch, train_step
 
 log = logging.getLogger(__name__)
@@ -142,8 +142,8 @@ class Trainer:
             stage = self.config.stages[index]
             common = dict(device=self.device, rank=self.dist.rank, world_size=self.dist.world_size,
                           seed=self.config.seed)
-            train = CacheLoader(self.reader, stage.size, "train", stage.batch_size, train=True, **common)
-            valid = CacheLoader(self.reader, stage.size, "valid", stage.batch_size, **common)
+            train = run_loader(self.reader, self.config, stage.size, "train", stage.batch_size, train=True, **common)
+            valid = run_loader(self.reader, self.config, stage.size, "valid", stage.batch_size, **common)
             augment = GpuAugment.from_manifest(self.reader.manifest, stage.size).to(self.device)
             if self.config.compile:
                 augment.compile()  # the torch backend's device part; the OpenCV backend (CPU) is not compiled
