@@ -110,7 +110,7 @@ class CacheLoader:
         self.window_images = max(batch_size, host_budget // (3 * self.image_bytes))
         self.block_images = min(block_images, self.window_images)
         self._blocks = plan_blocks(self._shards, self.source_rows, self.block_images)  # streaming's reads
-        self._data: torch.Tensor | None = None  # resident images (N, S, S, 3) uint8
+        self._data: torch.Tensor | None = None  # resident images (n, S, S, 3) uint8, the selected rows
         self._labels_dev = torch.from_numpy(self.labels).to(self.device)
         # Host batches travel through reusable buffers and a side stream on CUDA (a CPU test may switch it on).
         self._use_staging = self.device.type == "cuda" and self.placement == "host"
