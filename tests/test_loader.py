@@ -175,3 +175,174 @@ def test_the_benchmarks_training_steps_run(cache_dir):
     assert np.isfinite(r["fed_imgs_per_s"]) and r["fed_imgs_per_s"] > 0
     assert r["data_share"] == pytest.approx(1 - r["fed_imgs_per_s"] / r["resident_imgs_per_s"])
     assert r["data_share"] < 1
+
+
+# ---------------------------------------------------------------------- subsets of rows, across splits
+
+SPLITS = ("train", "valid")
+
+
+def source(cache_dir, splits=SPLITS) -> tuple[np.ndarray, dict]:
+    """Images and metadata of `splits` concatenated (global source order), read directly from the shards."""
+    reader = store.CacheReader(cache_dir)
+    metas = [reader.read_meta(SIZE, s) for s in splits]
+    meta = {k: np.concatenate([m[k] for m in metas]) for k in ("labels", "paths", "patients")}
+    return np.concatenate([all_images(cache_dir, s) for s in splits]), meta
+
+
+def subset(cache_dir) -> np.ndarray:
+    """30 of the 56 train + valid rows, in shuffled order: every row of train shard 1, none of train shard 3, the
+    last valid row (a one-row shard), rows 0 and 2 but not 1 and 34 and 36 but not 35 (holes inside 3-row blocks:
+    read, then dropped) and 18 scattered others, so blocks are whole, trimmed, holed, and left out."""
+    total = sum(store.CacheReader(cache_dir).count(SIZE, s) for s in SPLITS)
+    rng = np.random.default_rng(7)
+    fixed = np.r_[0, 2, 7:14, 34, 36, total - 1]
+    others = np.setdiff1d(np.arange(3, total - 1), np.r_[7:14, 21:28, 33:38])
+    return rng.permutation(np.r_[fixed, rng.choice(others, 30 - len(fixed), replace=False)])
+
+
+def row_of(images: np.ndarray, source_images: np.ndarray) -> np.ndarray:
+    """The global source row of each image, by content (the fixture's images are all different)."""
+    where = {im.tobytes(): i for i, im in enumerate(source_images)}
+    assert len(where) == len(source_images)
+    return np.array([where[im.tobytes()] for im in images])
+
+
+def staged(loader: CacheLoader, on: bool) -> CacheLoader:
+    loader._use_staging = on  # the CUDA staging protocol, run on the CPU (as tests/test_staging.py does)
+    return loader
+
+
+@pytest.mark.parametrize("kw", MODES, ids=["resident", "streaming"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_one_split_as_a_tuple_and_all_rows_equal_the_plain_loader(cache_dir, kw, train):
+    n = store.CacheReader(cache_dir).count(SIZE, "train")
+    for epoch in (0, 1):
+        loaders = [CacheLoader(cache_dir, SIZE, "train", 8, train=train, seed=2, **kw),
+                   CacheLoader(cache_dir, SIZE, ("train",), 8, train=train, seed=2, **kw),
+                   CacheLoader(cache_dir, SIZE, ["train"], 8, rows=np.arange(n)[::-1], train=train, seed=2, **kw)]
+        for loader in loaders:
+            loader.set_epoch(epoch)
+        plain = collect(loaders[0])
+        for other in loaders[1:]:
+            np.testing.assert_array_equal(other.epoch_indices(), loaders[0].epoch_indices())
+            np.testing.assert_array_equal(other.source_rows, np.arange(n))
+            images, labels = collect(other)
+            np.testing.assert_array_equal(images, plain[0])
+            np.testing.assert_array_equal(labels, plain[1])
+
+
+@pytest.mark.parametrize("kw", MODES, ids=["resident", "streaming"])
+@pytest.mark.parametrize("on", [False, True], ids=["plain", "staged"])
+def test_eval_over_a_subset_of_two_splits_yields_the_selected_rows_once_in_order(cache_dir, kw, on):
+    rows = subset(cache_dir)
+    chosen = np.sort(rows)
+    images, meta = source(cache_dir)
+    loader = staged(CacheLoader(cache_dir, SIZE, SPLITS, 8, rows=rows, **kw), on)
+    assert loader.mode == kw["mode"] and loader.n == len(rows) == 30
+    np.testing.assert_array_equal(loader.source_rows, chosen)
+    got, labels = collect(loader)
+    np.testing.assert_array_equal(got, images[chosen])
+    np.testing.assert_array_equal(labels, meta["labels"][chosen])
+    np.testing.assert_array_equal(loader.labels, meta["labels"][chosen])
+    assert list(loader.paths) == list(meta["paths"][chosen])
+    assert list(loader.patients) == list(meta["patients"][chosen])
+    np.testing.assert_array_equal(loader.epoch_indices(), np.arange(30))
+    assert len(loader) == -(-30 // 8)
+    # two ranks: contiguous parts that together are every selected row once, in order
+    parts = []
+    for rank in range(2):
+        part = CacheLoader(cache_dir, SIZE, SPLITS, 4, rows=rows, rank=rank, world_size=2, **kw)
+        got, _ = collect(staged(part, on))
+        np.testing.assert_array_equal(got, images[chosen[part.epoch_indices()]])
+        parts.append(part.epoch_indices())
+    np.testing.assert_array_equal(np.concatenate(parts), np.arange(30))
+
+
+@pytest.mark.parametrize("kw", MODES, ids=["resident", "streaming"])
+@pytest.mark.parametrize("on", [False, True], ids=["plain", "staged"])
+def test_train_over_a_subset_uses_only_its_rows_in_an_order_set_by_seed_and_epoch(cache_dir, kw, on):
+    rows = subset(cache_dir)
+    images, meta = source(cache_dir)
+
+    def epoch_rows(epoch, rank=0, world_size=1, batch_size=4):
+        loader = CacheLoader(cache_dir, SIZE, SPLITS, batch_size, rows=rows, train=True, seed=3, rank=rank,
+                             world_size=world_size, **kw)
+        loader.set_epoch(epoch)
+        got, labels = collect(staged(loader, on))
+        found = row_of(got, images)  # by content, not by what the loader says
+        assert len(found) == len(loader) * batch_size == loader.rows_per_rank()
+        np.testing.assert_array_equal(found, loader.source_rows[loader.epoch_indices()])
+        np.testing.assert_array_equal(labels, meta["labels"][found])
+        assert set(found) <= set(rows) and len(set(found)) == len(found)
+        return found
+    a = epoch_rows(0)
+    assert len(a) == 30 // 4 * 4 and not np.array_equal(a, np.sort(a))
+    np.testing.assert_array_equal(a, epoch_rows(0))  # a second loader, the same order
+    assert not np.array_equal(a, epoch_rows(1))
+    r0, r1 = epoch_rows(2, 0, 2, 3), epoch_rows(2, 1, 2, 3)
+    assert len(r0) == len(r1) > 0 and not set(r0) & set(r1)
+
+
+def test_streaming_a_subset_in_small_windows_reads_only_its_blocks_and_matches_resident(cache_dir):
+    rows = subset(cache_dir)
+    images, _ = source(cache_dir)
+    image_bytes = PreprocessConfig().geometry(SIZE).stored_size ** 2 * 3
+    streaming = CacheLoader(cache_dir, SIZE, SPLITS, 5, rows=rows, train=True, mode="streaming", block_images=3,
+                            memory_budget_bytes=3 * 8 * image_bytes)
+    resident = CacheLoader(cache_dir, SIZE, SPLITS, 5, rows=rows, train=True, mode="resident")
+    windows = streaming._windows(streaming._rank_blocks(0)[0])
+    assert len(windows) > 2 and max(sum(len(b) for b in w) for w in windows) <= 8
+    # blocks start and end on selected rows, and hold each selected row exactly once
+    selected = set(rows)
+    read = np.concatenate([np.arange(b.offset, b.offset + len(b)) for b in streaming._blocks])
+    assert {b.offset for b in streaming._blocks} <= selected
+    assert {b.offset + len(b) - 1 for b in streaming._blocks} <= selected
+    assert selected <= set(read) and len(set(read)) == len(read) and not set(range(21, 28)) & set(read)
+    assert sum(b.count for b in streaming._blocks) == 30 and len(read) > 30  # some rows read only to be dropped
+    for epoch in (0, 1):
+        streaming.set_epoch(epoch)
+        resident.set_epoch(epoch)
+        a, b = row_of(collect(streaming)[0], images), row_of(collect(resident)[0], images)
+        assert len(a) == 30  # a batch size that divides the subset: nothing dropped
+        np.testing.assert_array_equal(np.sort(a), np.sort(b))
+        np.testing.assert_array_equal(np.sort(a), np.sort(rows))
+
+
+def test_a_patient_fold_and_its_complement_split_the_rows(cache_dir):
+    _, meta = source(cache_dir)
+    fold = np.isin(meta["patients"], ["1", "H1"])  # one patient of each split
+    held = CacheLoader(cache_dir, SIZE, SPLITS, 4, rows=np.flatnonzero(fold))
+    rest = CacheLoader(cache_dir, SIZE, SPLITS, 4, rows=np.flatnonzero(~fold), train=True)
+    assert set(held.patients) == {"1", "H1"} and not set(held.patients) & set(rest.patients)
+    assert sorted(list(held.paths) + list(rest.paths)) == sorted(meta["paths"])
+    assert held.n + rest.n == len(meta["paths"])
+
+
+def test_subset_errors_name_the_value(cache_dir):
+    def make(split=SPLITS, rows=None, batch_size=4, **kw):
+        return CacheLoader(cache_dir, SIZE, split, batch_size, rows=rows, **kw)
+    with pytest.raises(ValueError, match=r"no split 'prelim' \(splits: \['test', 'train', 'valid'\]\)"):
+        make(("train", "prelim"))
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        make(())
+    with pytest.raises(ValueError, match="split names a split twice"):
+        make(("train", "train"))
+    with pytest.raises(ValueError, match="rows is empty"):
+        make(rows=[])
+    with pytest.raises(ValueError, match=r"rows: 9 appears more than once"):
+        make(rows=[3, 9, 1, 9])
+    with pytest.raises(ValueError, match=r"rows: 56 is out of range \[0, 56\)"):
+        make(rows=[0, 56])
+    with pytest.raises(ValueError, match=r"rows: -1 is out of range \[0, 56\)"):
+        make(rows=np.array([-1, 5]))
+    with pytest.raises(ValueError, match=r"rows: 34 is out of range \[0, 34\)"):
+        make("train", rows=[33, 34])  # the range is the source's, here one split
+    with pytest.raises(ValueError, match="integer source indices, got dtype bool"):
+        make(rows=np.ones(56, bool))
+    with pytest.raises(ValueError, match="1-D"):
+        make(rows=np.zeros((2, 2), int))
+    with pytest.raises(ValueError, match=r"\(rows: 3 selected\) gives 0 images per rank.*lower --batch-size"):
+        make(rows=[0, 40, 50], train=True)
+    with pytest.raises(ValueError, match="gives 0 images per rank.*lower --batch-size"):
+        make(rows=[0, 1, 40, 50, 51], batch_size=3, train=True, world_size=2, rank=1)

@@ -1,20 +1,25 @@
 """Batches of cached uint8 images on the training device: `CacheLoader`.
 
+The rows: one split, or several concatenated in the order given, optionally narrowed to a subset of rows (`rows=`,
+global indices into that concatenation; train/rows.py), e.g. one fold of a patient-grouped cross-validation over
+train + valid without rebuilding the cache. `n`, `labels`, `paths`, `patients` and every index the loader hands out
+refer to the selected rows in ascending source order; `source_rows` maps them back.
+
 Two modes, one order:
-- resident (default when the split fits the memory budget): the split is read once, in one contiguous read per
+- resident (default when the selected rows fit the memory budget): they are read once, in one contiguous read per
   shard, into one tensor - on the GPU when the device is CUDA and it fits there (placement "device"), else in
   ordinary host memory (placement "host") - and each batch is an index slice of a per-epoch permutation
   (airbench-style; no per-image Python work at all).
-- streaming (when it does not fit, or when asked): contiguous blocks of rows in a per-epoch random order, read by a
-  background thread into windows of a bounded size, each window shuffled and cut into batches in that thread. One
-  window and a few batches exist at once, so memory stays bounded whatever the cache size.
+- streaming (when they do not fit, or when asked): contiguous blocks of shard rows in a per-epoch random order, read
+  by a background thread into windows of a bounded size, each window's selected rows shuffled and cut into batches
+  in that thread. One window and a few batches exist at once, so memory stays bounded whatever the cache size.
 On CUDA a host batch (resident "host", or streaming) is gathered by a background thread into one of three reusable
 pinned buffers and copied non_blocking on a side stream (train/staging.py): the training loop never waits for it.
 
 The order depends only on (seed, epoch) (and rank): permutations are drawn with CPU generators, then moved to the
 device, so a seed means the same order on any device. With world_size > 1 each rank gets a disjoint, equally sized
-part of the same epoch plan; evaluation (train=False) gives every image exactly once, in cache order, split into
-contiguous per-rank parts, with `epoch_indices()` naming the image behind every row.
+part of the same epoch plan; evaluation (train=False) gives every selected image exactly once, in source order,
+split into contiguous per-rank parts, with `epoch_indices()` naming the image behind every row.
 
 h5py files are opened in the thread that reads them and closed after each read pass, never carried across fork.
 Each shard is checked against the manifest's sha256 the first time this process reads it (when the loader is made:
@@ -27,13 +32,14 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Sequence
 from contextlib import closing
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from pipeline.store import CacheReader
+from train.rows import Block, plan_blocks, select_rows, source_shards, split_names, window_selection
 from train.staging import Staging
 
 log = logging.getLogger(__name__)
@@ -57,30 +63,16 @@ def _epoch_generator(seed: int, epoch: int, rank: int = 0) -> np.random.Generato
     return np.random.default_rng([seed, epoch, rank])
 
 
-@dataclass(frozen=True)
-class Block:
-    """Rows [start, stop) of one shard; `offset` is the global index of row `start`."""
-    shard: int
-    start: int
-    stop: int
-    offset: int
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-def _window_rows(window: list[Block]) -> np.ndarray:
-    """Global indices of a window's rows, in read order."""
-    return np.concatenate([np.arange(b.offset, b.offset + len(b)) for b in window])
-
-
 class CacheLoader:
-    """Iterates (images uint8 (B, 3, S, S) on `device`, labels int64 (B,) on `device`) over one split of a cache.
+    """Iterates (images uint8 (B, 3, S, S) on `device`, labels int64 (B,) on `device`) over rows of a cache.
 
-    `images` is the NHWC cache row viewed as NCHW (`permute`), i.e. a channels_last tensor.
+    `split` is a split name or a sequence of them (their rows concatenated in that order); `rows` the global source
+    indices to use (any order, no duplicates; None: all). `images` is the NHWC cache row viewed as NCHW
+    (`permute`), i.e. a channels_last tensor.
     """
 
-    def __init__(self, cache: str | os.PathLike | CacheReader, size: int, split: str, batch_size: int, *,
+    def __init__(self, cache: str | os.PathLike | CacheReader, size: int, split: str | Sequence[str],
+                 batch_size: int, *, rows: np.ndarray | Sequence[int] | None = None,
                  device: str | torch.device = "cpu", train: bool = False, seed: int = 0, rank: int = 0,
                  world_size: int = 1, mode: str = "auto", placement: str = "auto",
                  memory_budget_bytes: int | None = None, block_images: int = 64):
@@ -97,14 +89,18 @@ class CacheLoader:
             raise ValueError("placement 'device' keeps the whole split on the device; streaming reads it in windows "
                              "(use mode='resident' or placement='host')")
         self.size, self.split, self.batch_size = size, split, batch_size
+        self.splits = split_names(split)
         self.device = torch.device(device)
         self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
         self.stored_size = self.reader.size_info(size)["stored_size"]
-        self.shard_paths = self.reader.shard_paths(size, split)
-        self.shard_counts = [s["count"] for s in self.reader.shards(size, split)]
-        self.n = sum(self.shard_counts)
-        meta = self.reader.read_meta(size, split)
-        self.labels, self.paths = meta["labels"].astype(np.int64), meta["paths"]
+        self._shards = source_shards(self.reader, size, self.splits)  # every shard of the source, in source order
+        self.shard_paths = [path for s in self.splits for path in self.reader.shard_paths(size, s)]
+        self.shard_counts = [s.count for s in self._shards]  # source rows per shard, selected or not
+        self.source_rows = select_rows(rows, sum(self.shard_counts))  # (n,) int64, ascending
+        self.n = len(self.source_rows)
+        metas = [self.reader.read_meta(size, s) for s in self.splits]
+        meta = {k: np.concatenate([m[k] for m in metas])[self.source_rows] for k in ("labels", "paths", "patients")}
+        self.labels, self.paths, self.patients = meta["labels"].astype(np.int64), meta["paths"], meta["patients"]
         self.image_bytes = self.stored_size ** 2 * 3
         self.epoch = 0
         host_budget = memory_budget_bytes if memory_budget_bytes is not None else available_host_bytes() // 2
@@ -113,12 +109,14 @@ class CacheLoader:
         # allocations stay well inside it.
         self.window_images = max(batch_size, host_budget // (3 * self.image_bytes))
         self.block_images = min(block_images, self.window_images)
-        self._data: torch.Tensor | None = None  # resident images (N, S, S, 3) uint8
+        self._blocks = plan_blocks(self._shards, self.source_rows, self.block_images)  # streaming's reads
+        self._data: torch.Tensor | None = None  # resident images (n, S, S, 3) uint8, the selected rows
         self._labels_dev = torch.from_numpy(self.labels).to(self.device)
         # Host batches travel through reusable buffers and a side stream on CUDA (a CPU test may switch it on).
         self._use_staging = self.device.type == "cuda" and self.placement == "host"
         if train and self.rows_per_rank() < batch_size:
-            raise ValueError(f"split {split!r} gives {self.rows_per_rank()} images per rank, fewer than one batch of "
+            chosen = f"split {split!r}" + ("" if rows is None else f" (rows: {self.n} selected)")
+            raise ValueError(f"{chosen} gives {self.rows_per_rank()} images per rank, fewer than one batch of "
                              f"{batch_size}; lower --batch-size")
 
     # ------------------------------------------------------------------ mode and plan
@@ -145,24 +143,16 @@ class CacheLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _blocks(self) -> list[Block]:
-        blocks, offset = [], 0
-        for shard, count in enumerate(self.shard_counts):
-            for start in range(0, count, self.block_images):
-                blocks.append(Block(shard, start, min(start + self.block_images, count), offset + start))
-            offset += count
-        return blocks
-
     def _rank_blocks(self, epoch: int) -> tuple[list[Block], int]:
-        """This rank's blocks for streaming, in read order, and how many rows it uses."""
-        blocks = self._blocks()
+        """This rank's blocks for streaming, in read order, and how many (selected) rows it uses."""
+        blocks = self._blocks
         if not self.train:
             parts = np.array_split(np.arange(len(blocks)), self.world_size)
             mine = [blocks[i] for i in parts[self.rank]]
-            return mine, sum(len(b) for b in mine)
+            return mine, sum(b.count for b in mine)
         order = _epoch_generator(self.seed, epoch).permutation(len(blocks))
         per_rank = [[blocks[i] for i in order[r::self.world_size]] for r in range(self.world_size)]
-        rows = min(sum(len(b) for b in part) for part in per_rank)  # equal across ranks
+        rows = min(sum(b.count for b in part) for part in per_rank)  # equal across ranks
         return per_rank[self.rank], rows // self.batch_size * self.batch_size
 
     def rows_per_rank(self, epoch: int | None = None) -> int:
@@ -178,7 +168,8 @@ class CacheLoader:
         return rows // self.batch_size if self.train else -(-rows // self.batch_size)
 
     def epoch_indices(self, epoch: int | None = None) -> np.ndarray:
-        """Global index (into `labels`/`paths`) of every row this rank yields in `epoch`, in order."""
+        """Index into the selected rows (`labels`, `paths`, `patients`, `source_rows`) of every row this rank yields
+        in `epoch`, in order."""
         epoch = self.epoch if epoch is None else epoch
         if self.mode == "resident":
             if not self.train:
@@ -186,10 +177,11 @@ class CacheLoader:
             perm = _epoch_generator(self.seed, epoch).permutation(self.n)
             return perm[self.rank::self.world_size][:self.rows_per_rank(epoch)]
         blocks, rows = self._rank_blocks(epoch)
-        parts = [_window_rows(w)[self._window_order(w, epoch)] for w in self._windows(blocks)]
+        parts = [window_selection(w, self.source_rows)[1][self._window_order(w, epoch)] for w in self._windows(blocks)]
         return np.concatenate(parts or [np.empty(0, np.int64)])[:rows]
 
     def _windows(self, blocks: list[Block]) -> list[list[Block]]:
+        """Consecutive blocks grouped so that each group's rows read (selected or not) fit in `window_images`."""
         windows, current, count = [], [], 0
         for block in blocks:
             if current and count + len(block) > self.window_images:
@@ -200,8 +192,8 @@ class CacheLoader:
         return windows + ([current] if current else [])
 
     def _window_order(self, window: list[Block], epoch: int) -> np.ndarray:
-        """Positions within the window, in the order they are yielded."""
-        count = sum(len(b) for b in window)
+        """Positions within the window's selected rows, in the order they are yielded."""
+        count = sum(b.count for b in window)
         if not self.train:
             return np.arange(count)
         # A window's shuffle depends on (seed, epoch) and where it starts, not on what came before.
@@ -216,20 +208,28 @@ class CacheLoader:
             yield from self._iter_streaming()
 
     def _load_resident(self) -> torch.Tensor:
+        """The selected rows (n, S, S, 3) uint8, in subset order: one contiguous read per shard that holds any.
+
+        A fully selected shard is read straight into place (host) or into one shard-sized host array (device). A
+        partly selected one is read from its first to its last selected row into a temporary array and its selected
+        rows gathered from it, so peak memory is the selected rows plus one shard: contiguous reads are much faster
+        than HDF5 point selections, and reading whole splits before selecting would hold every unselected row too."""
         shape = (self.n, self.stored_size, self.stored_size, 3)
-        if self.placement == "device":
-            data = torch.empty(shape, dtype=torch.uint8, device=self.device)
-            offset = 0
-            for i, count in enumerate(self.shard_counts):
-                host = np.empty((count,) + shape[1:], np.uint8)
-                with self.reader.open_shard(self.size, self.split, i) as f:  # checked against its sha256
-                    f["images"].read_direct(host)
-                data[offset:offset + count].copy_(torch.from_numpy(host))
-                offset += count
-            return data
-        # Ordinary memory: batches are gathered into a few pinned buffers, so the split itself needs no pinning.
-        data = torch.empty(shape, dtype=torch.uint8)
-        self.reader.read_images_into(self.size, self.split, data.numpy())
+        # Ordinary memory: batches are gathered into a few pinned buffers, so the rows themselves need no pinning.
+        data = torch.empty(shape, dtype=torch.uint8, device=self.device if self.placement == "device" else "cpu")
+        for block in plan_blocks(self._shards, self.source_rows):  # one block per shard with selected rows
+            shard, rows = self._shards[block.shard], slice(block.first, block.first + block.count)
+            out = data.numpy()[rows] if self.placement == "host" else np.empty((block.count,) + shape[1:], np.uint8)
+            with self.reader.open_shard(self.size, shard.split, shard.index) as f:  # checked against its sha256
+                if block.count == len(block):
+                    f["images"].read_direct(out, np.s_[block.start:block.stop])
+                else:
+                    span = np.empty((len(block),) + shape[1:], np.uint8)
+                    f["images"].read_direct(span, np.s_[block.start:block.stop])
+                    np.take(span, window_selection([block], self.source_rows)[0], axis=0, out=out, mode="clip")
+                    del span
+            if self.placement == "device":
+                data[rows].copy_(torch.from_numpy(out))
         return data
 
     def _batch_starts(self, rows: int) -> range:
@@ -322,14 +322,17 @@ class CacheLoader:
                     thread.join(0.05)
 
     def _produce_streaming(self, staging, put, stop, windows: list[list[Block]], rows: int) -> None:
-        """Producer thread: read each window, shuffle it, and gather its rows into batches.
+        """Producer thread: read each window, shuffle its selected rows, and gather them into batches.
 
         A batch may take rows from two windows. With staging the rows go straight into a pinned buffer; without,
         into a fresh array per batch (the consumer keeps it)."""
         slot, images, labels, filled, emitted = None, None, None, 0, 0
         with closing(self._read_windows(windows, stop)) as reads:  # closes the open shard on any exit
-            for window_images, window_rows, window in reads:
-                take = self._window_order(window, self.epoch)[:max(0, rows - emitted)]
+            for window_images, window in reads:
+                # rows read but not selected are never taken: `take` indexes only the selected ones
+                positions, subset = window_selection(window, self.source_rows)
+                order = self._window_order(window, self.epoch)[:max(0, rows - emitted)]
+                take, take_rows = positions[order], subset[order]
                 emitted += len(take)
                 pos = 0
                 while pos < len(take):
@@ -342,10 +345,11 @@ class CacheLoader:
                         else:
                             images = np.empty((self.batch_size,) + window_images.shape[1:], np.uint8)
                             labels = np.empty(self.batch_size, np.int64)
-                    part = take[pos:pos + self.batch_size - filled]
+                    end = pos + self.batch_size - filled
+                    part = take[pos:end]
                     # mode="clip": the rows are in range, and "raise" would gather into a temporary first
                     np.take(window_images, part, axis=0, out=images[filled:filled + len(part)], mode="clip")
-                    labels[filled:filled + len(part)] = self.labels[window_rows[part]]
+                    labels[filled:filled + len(part)] = self.labels[take_rows[pos:end]]
                     filled += len(part)
                     pos += len(part)
                     if filled == self.batch_size:
@@ -359,7 +363,7 @@ class CacheLoader:
             staging.release(slot)
 
     def _read_windows(self, windows: list[list[Block]], stop: threading.Event):
-        """(images (k, S, S, 3) uint8, global rows (k,), window) per window: one contiguous read per block.
+        """(images (k, S, S, 3) uint8, window) per window, k its rows read: one contiguous read per block.
 
         One file open at a time, without HDF5's chunk cache (1 MiB per open file by default): blocks are read whole
         and never twice, and memory must not grow with the number of shards. Files are opened in the thread that
@@ -369,19 +373,19 @@ class CacheLoader:
             for window in windows:
                 if stop.is_set():
                     return
-                rows = _window_rows(window)
-                images = np.empty((len(rows), self.stored_size, self.stored_size, 3), np.uint8)
+                images = np.empty((sum(len(b) for b in window), self.stored_size, self.stored_size, 3), np.uint8)
                 at = 0
                 for b in window:
                     if b.shard != open_shard:
                         if f is not None:
                             f.close()
                         # checked against its sha256 (once per process), named if HDF5 cannot open it
-                        f = self.reader.open_shard(self.size, self.split, b.shard, rdcc_nbytes=0)
+                        shard = self._shards[b.shard]
+                        f = self.reader.open_shard(self.size, shard.split, shard.index, rdcc_nbytes=0)
                         open_shard = b.shard
                     f["images"].read_direct(images, np.s_[b.start:b.stop], np.s_[at:at + len(b)])
                     at += len(b)
-                yield images, rows, window
+                yield images, window
                 del images
         finally:
             if f is not None:
