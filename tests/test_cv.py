@@ -37,11 +37,18 @@ def demo_cache(tmp_path_factory) -> Path:
 def cv_run(demo_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("cv-runs")
     caches_before = sorted(p.name for p in demo_cache.parent.iterdir())
-    code = cv_main(["resnet18", "--cache", str(demo_cache), "--out", str(out)] + CV_ARGS)
-    assert code == 0
+    # a subprocess with one thread, as the interrupted CV below: CPU results depend on the thread count
+    proc = _cv(["--cache", str(demo_cache), "--out", str(out)] + CV_ARGS)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     cv_dirs = list(out.glob("cv-resnet18-*"))
-    assert len(cv_dirs) == 1
+    assert len(cv_dirs) == 1 and proc.stdout.strip().splitlines()[-1] == str(cv_dirs[0].resolve())
+    assert "| mean +- std |" in proc.stdout
     return cv_dirs[0], caches_before
+
+
+def _cv(args, env_extra=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train.cv", "resnet18", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})})
 
 
 def _paths(reader, splits):
@@ -85,18 +92,15 @@ def test_a_three_fold_cv_on_the_demo_cache(demo_cache, cv_run):
 
 def test_an_interrupted_cv_resumes_where_it_stopped(demo_cache, cv_run, tmp_path):
     cv_dir, _ = cv_run
-    cmd = [sys.executable, "-m", "train.cv", "resnet18", "--cache", str(demo_cache), "--out", str(tmp_path)] + CV_ARGS
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run(cmd, cwd=ROOT, env={**env, ckpt.KILL_AT_ENV: "last.pt@1"}, capture_output=True,
-                            text=True, timeout=600)
+    killed = _cv(["--cache", str(demo_cache), "--out", str(tmp_path)] + CV_ARGS, {ckpt.KILL_AT_ENV: "last.pt@1"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     (stopped,) = tmp_path.glob("cv-resnet18-*")
     assert (stopped / "fold-0" / "last.pt").is_file() and not (stopped / "cv_summary.json").exists()
     # another flag with --resume is refused, and nothing is touched
     assert cv_main(["resnet18", "--resume", str(stopped), "--lr", "0.1"]) == 2
-    resumed = subprocess.run([sys.executable, "-m", "train.cv", "resnet18", "--resume", str(stopped),
-                              "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    resumed = _cv(["--resume", str(stopped), "--no-progress"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "fold 1 of 3: continuing" in resumed.stderr  # from last.pt, not started again
     assert resumed.stdout.strip().splitlines()[-1] == str(stopped.resolve())
     again, first = (json.loads((d / "cv_summary.json").read_text()) for d in (stopped, cv_dir))
     # the same folds and the same figures as the uninterrupted CV (same seed, same cache)
