@@ -1,0 +1,424 @@
+"""`python -m train.predict RUN_DIR INPUT...`: predict new cell images with a trained run, as its cache saw them.
+
+    python -m train.predict runs/resnet18-20261126-084724 new_cells/            every image under a folder
+    python -m train.predict RUN_DIR /data/C-NMC_Leukemia --tta --out cnmc.csv     a source layout: labels, patients
+    python -m train.predict RUN_DIR a.bmp b.png --checkpoint last.pt --on-error skip
+
+INPUT: image files; folders, searched recursively for .bmp .png .jpg .jpeg .tif .tiff (any case; links to folders
+are not followed); or a source folder that `pipeline.build` recognises (Kaggle, CSV lists, labels.csv, all/ + hem/),
+whose images, labels and patients are used. Each image goes through the build's own preprocessing with the
+parameters saved in the run's config.json (the cache folder may be gone), then the evaluation's centre crop and
+normalisation, at the size the checkpoint was trained at.
+Writes --out (default predictions.csv): path, patient, prob_all, predicted_label (1 = all) and, where a source gave
+labels, label; beside it <stem>_patients.csv (patient, cells, predicted_all_share, mean_prob_all) when a patient id
+is known, and <stem>_skipped.csv (path, reason) for images left out with --on-error skip. An existing file is never
+replaced. The last line printed is the predictions CSV.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from models import build_model
+from pipeline import parallel, sources, store
+from pipeline.config import PreprocessConfig
+from pipeline.progress import add_progress_flags, progress_bar
+from pipeline.sources import IMAGE_SUFFIXES, ON_ERROR, UNKNOWN_LABEL, UNKNOWN_PATIENT, patient_of, printable
+from train import checkpoint as ckpt
+from train.augment import AugConfig, GpuAugment
+from train.config import TrainConfig
+from train.loop import Precision
+from train.trainer import preprocess_record
+from train.tta import VIEWS, tta_probs
+
+log = logging.getLogger(__name__)
+THRESHOLD = 0.5  # prob_all at or above it: predicted_label 1 (all), as train/report.py's write_predictions
+
+
+class PredictError(ValueError):
+    """A missing or unusable run, input or output; the message names it and says what to do."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image to predict."""
+    file: str  # what is opened (may hold undecodable bytes as surrogates)
+    path: str  # what the CSVs show: `file` as valid UTF-8 (sources.printable)
+    patient: str
+    label: int  # 0 hem, 1 all, -1 unknown (only a source layout gives labels)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Predictor:
+    """A run's checkpoint, ready to turn stored uint8 images into probabilities of `all`."""
+    model: torch.nn.Module
+    augment: GpuAugment
+    precision: Precision
+    device: torch.device
+    config: TrainConfig
+    preprocess: PreprocessConfig
+    size: int  # the checkpoint's stage size: the model's input side in px
+    stored_size: int  # the cache's stored side for that size (the crop's context margin included)
+    batch_size: int  # the checkpoint stage's batch size
+    epoch: int  # 1-based epoch of the checkpoint
+    all_index: int  # the class index of `all` in the model's output
+
+    @torch.no_grad()
+    def probs_all(self, stored: list[np.ndarray], tta: bool = False) -> torch.Tensor:
+        """(B,) float32 probabilities of `all` on the device for B stored images (S, S, 3) uint8; no host wait."""
+        images = torch.from_numpy(np.stack(stored)).to(self.device).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
+        x = self.augment.eval_transform(images)  # centre `size` window, normalised: (B, 3, size, size) float32
+        if tta:
+            return tta_probs(self.model, x, self.precision, self.device)[:, self.all_index]
+        with self.precision.autocast(self.device):
+            logits = self.model(self.precision.prepare(x))
+        return torch.softmax(logits.float(), 1)[:, self.all_index]
+
+
+def _read_config_json(run_dir: Path) -> dict:
+    if not run_dir.is_dir():
+        what = "is not a folder" if run_dir.exists() else "does not exist"
+        raise PredictError(f"run folder {run_dir} {what}; pass the folder that python -m train.run printed last "
+                           f"(runs/<model>-<timestamp>)")
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise PredictError(f"{run_dir}: no config.json; is it a run folder made by python -m train.run?")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise PredictError(f"{path}: cannot be read ({err}); the run folder is damaged") from None
+
+
+def _preprocess_record(run_dir: Path, data: dict, config: TrainConfig) -> dict:
+    """The run's preprocessing record: from config.json, or for a run made before config.json held one, from its
+    cache's manifest when that cache still exists with the run's key."""
+    record = data.get("preprocess")
+    if record is not None:
+        if record.get("cache_key") != config.cache_key:
+            raise PredictError(f"{run_dir / 'config.json'}: its preprocessing record is of cache "
+                               f"{record.get('cache_key')}, but the run was trained on cache {config.cache_key}; "
+                               f"the file was edited or damaged")
+        return record
+    try:
+        manifest = store.read_manifest(config.cache_dir)
+        found = f"now holds cache {manifest['key']}"
+    except store.CacheError as err:
+        manifest, found = None, f"cannot be used ({err})"
+    if manifest is not None and manifest["key"] == config.cache_key:
+        log.info("%s has no preprocessing record (a run made before config.json held one); using the manifest of "
+                 "its cache %s", run_dir / "config.json", config.cache_dir)
+        return preprocess_record(manifest, [s.size for s in config.stages])
+    raise PredictError(
+        f"{run_dir / 'config.json'} has no preprocessing record (the run was made before train.run saved one), and "
+        f"its cache {config.cache_dir} {found}. Predicting needs that cache's parameters and normalisation: build "
+        f"cache {config.cache_key} again at {config.cache_dir} (python -m pipeline.build with the same source and "
+        f"parameters), or use a run made by the current python -m train.run")
+
+
+def load_predictor(run_dir: Path, checkpoint: str = "best.pt", device: str = "cpu") -> Predictor:
+    """The run's model with `checkpoint`'s weights (loaded weights_only) and the preprocessing of its cache."""
+    run_dir = Path(run_dir)
+    data = _read_config_json(run_dir)
+    try:
+        config = TrainConfig.from_dict(data["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise PredictError(f"{run_dir / 'config.json'}: not a run's config ({type(err).__name__}: {err})") from None
+    record = _preprocess_record(run_dir, data, config)
+    path = run_dir / checkpoint
+    if not path.is_file():
+        have = ", ".join(sorted(p.name for p in run_dir.glob("*.pt"))) or "none"
+        raise PredictError(f"{path}: no such checkpoint (the run folder has: {have}); pass --checkpoint best.pt or "
+                           f"last.pt")
+    state = ckpt.load(path)  # CheckpointError when damaged or not loadable weights_only
+    ckpt.check_compatible(state, config.model, config.cache_key, path)
+    if not 0 <= state.get("stage", -1) < len(config.stages):
+        raise ckpt.CheckpointError(f"{path}: stage {state.get('stage')!r} is not one of the run's "
+                                   f"{len(config.stages)} stages; the checkpoint does not belong to this run")
+    stage = config.stages[state["stage"]]
+    preprocess = PreprocessConfig.from_dict(record["config"])
+    # eval never rotates, so the cache's rotation margin (checked for training by from_manifest) does not matter here
+    augment = GpuAugment.from_manifest(record, stage.size, AugConfig(max_rotation_deg=0.0))
+    stored = preprocess.geometry(stage.size).stored_size
+    if stored != augment.stored_size:
+        raise PredictError(f"the run's cache stored {stage.size} px images at {augment.stored_size} px, but this "
+                           f"version of pipeline.config gives {stored} px for the same parameters; predictions would "
+                           f"not match the training input. Use the code version that built the cache")
+    classes = list(record.get("classes", sources.CLASS_NAMES))
+    dev = torch.device(device)
+    precision = Precision.for_device(dev, config.amp)
+    model = build_model(config.model, stem=config.stem)  # no pretrained weights: the checkpoint replaces them all
+    model.load_state_dict(state["model"])
+    model.to(dev, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format).eval()
+    return Predictor(model, augment.to(dev), precision, dev, config, preprocess, stage.size, stored,
+                     stage.batch_size, state["epoch"] + 1, classes.index("all"))
+
+
+# ----------------------------------------------------------------------------- the images
+
+
+def _is_source_layout(folder: Path) -> bool:
+    """Whether `sources.discover` recognises `folder`: its own tests, in its order (kaggle, csv-lists, labels-csv,
+    class-folders)."""
+    return (sources._kaggle_root(folder) is not None
+            or (sources._is_file(folder / "train.csv") and sources._is_file(folder / "valid.csv"))
+            or sources._is_file(folder / "labels.csv")
+            or (sources._is_dir(folder / "all") and sources._is_dir(folder / "hem")))
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """Files with an image suffix (any case) anywhere under `folder`, sorted; links to folders are not followed."""
+    def unlistable(err: OSError):
+        raise PredictError(f"{printable(err.filename)} cannot be listed ({err.strerror})")
+    found = []
+    for parent, _, names in os.walk(folder, onerror=unlistable):
+        found += [Path(parent) / n for n in names if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
+    return sorted(found)
+
+
+def _entry(file: Path, patient: str | None = None, label: int = UNKNOWN_LABEL) -> Entry:
+    return Entry(os.fspath(file), printable(file), patient_of(file.name) if patient is None else patient, label)
+
+
+def gather(inputs, on_error: str = "fail") -> tuple[list[Entry], list[dict]]:
+    """The images named by `inputs` (files, folders, source layouts), in order, each once; and the images a source
+    layout's lists left out (`on_error="skip"`) as {path, reason}. A SourceError for a bad list row with "fail"."""
+    entries, skipped, seen = [], [], set()
+    for given in map(Path, inputs):
+        if not os.path.lexists(given):
+            raise PredictError(f"input {printable(given)} does not exist; pass image files or folders of images")
+        if not given.is_dir():
+            found = [_entry(given)]  # named explicitly: read whatever it is (the read says if it is no image)
+        elif _is_source_layout(given):
+            source = sources.discover(given, on_error=on_error)
+            log.info("%s: source layout %s, %d images", printable(given), source.layout, len(source.items))
+            found = [_entry(Path(os.path.normpath(given / it.path)), it.patient, it.label) for it in source.items]
+            skipped += [{"path": printable(given / s.path), "reason": s.reason} for s in source.skipped]
+        else:
+            found = [_entry(p) for p in _images_under(given)]
+            if not found:
+                log.warning("%s: no image files (%s) in it or below", printable(given), " ".join(IMAGE_SUFFIXES))
+        for entry in found:
+            key = os.path.abspath(entry.file)
+            if key in seen:
+                log.info("%s is named more than once; predicted once", entry.path)
+                continue
+            seen.add(key)
+            entries.append(entry)
+    if not entries:
+        raise PredictError(f"no images found in {' '.join(printable(i) for i in inputs)}; pass image files or folders "
+                           f"holding {', '.join(IMAGE_SUFFIXES)} files")
+    return entries, skipped
+
+
+def predict_images(predictor: Predictor, entries: list[Entry], batch_size: int, tta: bool = False,
+                   on_error: str = "fail", progress="off", jobs: int = -1,
+                   window: int | None = None) -> tuple[list[Entry], np.ndarray, list[dict]]:
+    """(entries predicted, their probabilities of `all` (N,) float64, {path, reason} of the images left out).
+
+    Images are read and preprocessed by the build's own worker (`pipeline.parallel`, threads) in windows of at most
+    `window` images - by default as many as fit the build's result budget, at most 512 - while the model runs on
+    the batches already made; so at most one window of stored images plus one batch is in memory, whatever the
+    number of images. A bad image stops everything (PredictError naming it) with on_error "fail", or is left out."""
+    task_bytes = predictor.stored_size ** 2 * 3
+    default_window, workers = parallel.window_for(task_bytes, parallel.workers(jobs))
+    window = window or default_window
+    tasks = [(e.file, (predictor.size,)) for e in entries]
+    kept, skipped, probs, batch = [], [], [], []
+    bar = progress_bar(progress, len(tasks), "predict", "img", log)
+    outputs = parallel.results(tasks, predictor.preprocess, "threads", workers, None, window)
+    try:
+        for entry, (ok, value) in zip(entries, outputs):
+            if not ok:
+                if on_error == "fail":
+                    raise PredictError(f"{entry.path}: {value}. Fix or remove the file, or pass --on-error skip to "
+                                       f"leave it out; nothing was written")
+                log.warning("skipping %s: %s", entry.path, value)
+                skipped.append({"path": entry.path, "reason": value})
+                bar.update()
+                continue
+            kept.append(entry)
+            batch.append(value[predictor.size])  # (S, S, 3) uint8
+            if len(batch) == batch_size:
+                probs.append(predictor.probs_all(batch, tta))
+                bar.update(len(batch))
+                batch = []
+        if batch:
+            probs.append(predictor.probs_all(batch, tta))
+            bar.update(len(batch))
+    finally:
+        outputs.close()  # waits for the images being read, so no worker outlives a failure
+        bar.close()
+    p = torch.cat(probs).cpu().numpy().astype(np.float64) if probs else np.empty(0)  # one read-back, at the end
+    return kept, p, skipped
+
+
+# ----------------------------------------------------------------------------- the files
+
+
+def companions(out: Path) -> tuple[Path, Path]:
+    """The patients and skipped CSVs beside `out`: `<stem>_patients.csv`, `<stem>_skipped.csv`."""
+    return out.with_name(f"{out.stem}_patients.csv"), out.with_name(f"{out.stem}_skipped.csv")
+
+
+def check_out(out: Path) -> None:
+    """PredictError unless every file this command may write is new and its folder writable (checked before any
+    image is read, so no work is lost to it)."""
+    for path in (out, *companions(out)):
+        if os.path.lexists(path):
+            raise PredictError(f"{path} already exists; predict never replaces an earlier prediction: pass another "
+                               f"--out (or move that file away)")
+    folder = out.parent
+    if not folder.is_dir():
+        raise PredictError(f"cannot write {out}: folder {folder} does not exist; create it or pass another --out")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PredictError(f"cannot write {out}: folder {folder} is not writable; pass --out in a writable folder")
+
+
+def _natural(patient: str):
+    """`H2` before `H10`, digits-only ids before lettered ones (C-NMC: 1..N, then H1..HN)."""
+    match = re.fullmatch(r"([A-Za-z]*)(\d+)", patient)
+    return (match.group(1), int(match.group(2)), "") if match else ("~", 0, patient)
+
+
+def prediction_table(entries: list[Entry], probs_all: np.ndarray) -> pd.DataFrame:
+    table = pd.DataFrame({
+        "path": [e.path for e in entries],
+        "patient": [e.patient for e in entries],
+        "prob_all": np.round(probs_all, 6),
+        "predicted_label": (probs_all >= THRESHOLD).astype(int),
+    })
+    if any(e.label != UNKNOWN_LABEL for e in entries):
+        table["label"] = [e.label for e in entries]  # -1 where the image had no label
+    return table
+
+
+def patient_table(entries: list[Entry], probs_all: np.ndarray) -> pd.DataFrame:
+    """Per known patient: cells, the share predicted `all`, the mean probability of `all` (images without a
+    patient id are not in it)."""
+    frame = pd.DataFrame({"patient": [e.patient for e in entries], "prob": probs_all,
+                          "all": (probs_all >= THRESHOLD).astype(float)})
+    frame = frame[frame["patient"] != UNKNOWN_PATIENT]
+    groups = frame.groupby("patient", sort=False)
+    table = pd.DataFrame({"cells": groups.size(), "predicted_all_share": groups["all"].mean().round(6),
+                          "mean_prob_all": groups["prob"].mean().round(6)})
+    table = table.loc[sorted(table.index, key=_natural)].rename_axis("patient").reset_index()
+    return table
+
+
+def write_outputs(files: list[tuple[Path, pd.DataFrame]]) -> None:
+    """Each table to `<name>.tmp`, then each renamed into place in the order given (the predictions CSV last, so
+    its presence means the others are there); nothing half-written is left behind."""
+    tmps = []
+    try:
+        for path, table in files:
+            tmps.append(path.with_name(path.name + ".tmp"))
+            table.to_csv(tmps[-1], index=False)
+        for (path, _), tmp in zip(files, tmps):
+            if os.path.lexists(path):  # made by something else while we predicted: still not ours to replace
+                raise PredictError(f"{path} appeared while predicting and was left as it is; pass another --out")
+            os.replace(tmp, path)
+    except OSError as err:
+        raise PredictError(f"cannot write {err.filename}: {err.strerror}; pass --out in a writable folder with "
+                           f"free space") from None
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("run_dir", type=Path, help="a run folder made by python -m train.run")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or source folders")
+    p.add_argument("--checkpoint", default="best.pt", help="checkpoint file in the run folder (best.pt or last.pt)")
+    p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="predictions CSV (must not exist)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default: the checkpoint stage's; with "
+                                                  "--tta an eighth of it, as each image becomes 8 views)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--tta", action="store_true", help="average over the 8 flips and quarter turns of each image")
+    p.add_argument("--on-error", choices=ON_ERROR, default="fail",
+                   help="an unusable image stops the command (fail) or is left out and listed (skip)")
+    add_progress_flags(p)
+    return p
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise PredictError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PredictError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    return name
+
+
+def _report(predictor: Predictor, table: pd.DataFrame, patients: pd.DataFrame, skipped: list[dict], tta: bool,
+            checkpoint: str, files: dict) -> None:
+    c = predictor.config
+    n_all = int(table["predicted_label"].sum())
+    print(f"predicted {len(table)} images with {c.model} {checkpoint} (epoch {predictor.epoch}, {predictor.size} px)"
+          f"{', 8-view TTA' if tta else ''}: {n_all} all, {len(table) - n_all} hem")
+    if "label" in table:
+        known = table[table["label"] >= 0]
+        print(f"accuracy {(known['label'] == known['predicted_label']).mean():.4f} on {len(known)} labelled images")
+    if skipped:
+        print(f"skipped {len(skipped)} unusable images (listed in {files['skipped']}):", file=sys.stderr)
+        for s in skipped:
+            print(f"  {s['path']}: {s['reason']}", file=sys.stderr)
+    if len(patients):
+        print(f"patients ({files['patients']}):")
+        print(patients.to_string(index=False))
+        unknown = int((table["patient"] == UNKNOWN_PATIENT).sum())
+        if unknown:
+            print(f"({unknown} images without a patient id are not in the patients table)")
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        if args.batch_size is not None and args.batch_size < 1:
+            raise PredictError(f"--batch-size must be >= 1, got {args.batch_size}")
+        device = _device(args.device)
+        check_out(args.out)
+        predictor = load_predictor(args.run_dir, args.checkpoint, device)
+        batch_size = args.batch_size or (max(1, predictor.batch_size // VIEWS) if args.tta else predictor.batch_size)
+        entries, skipped = gather(args.inputs, args.on_error)
+        kept, probs, bad = predict_images(predictor, entries, batch_size, args.tta, args.on_error, args.progress)
+        skipped += bad
+        if not kept:
+            raise PredictError(f"no usable image: all {len(skipped)} were left out ({skipped[0]['path']}: "
+                               f"{skipped[0]['reason']}; ...); nothing was written")
+        table = prediction_table(kept, probs)
+        patients = patient_table(kept, probs)
+        patients_path, skipped_path = companions(args.out)
+        files = [(patients_path, patients)] if len(patients) else []
+        files += [(skipped_path, pd.DataFrame(skipped, columns=["path", "reason"]))] if skipped else []
+        write_outputs(files + [(args.out, table)])
+    except ValueError as err:  # PredictError, SourceError, CheckpointError, CacheError; a size not in the record
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _report(predictor, table, patients, skipped, args.tta, args.checkpoint,
+            {"patients": patients_path, "skipped": skipped_path})
+    print(args.out.resolve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
