@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -231,3 +232,56 @@ def test_compiled_progressive_resizing_traces_one_static_graph_per_stage(cache, 
     # the image batch: (4, 3, S, S) at --batch-size 4 (the stem's weight is (64, 3, 7, 7))
     image_sizes = sorted({shape[-1] for graph in graphs for shape in graph if len(shape) == 4 and shape[:2] == (4, 3)})
     assert image_sizes == [16, 24] and len(graphs) == 4, [len(g) for g in graphs]  # train + eval per stage
+
+
+def test_evaluation_reports_patients_and_keeps_tta_beside_plain(cache, tmp_path, capsys):
+    from train.evaluate import main as evaluate_main
+    from train.metrics import patient_table
+    run_dir = run(["resnet18", "--stages", "16:1"] + common(cache, tmp_path), capsys)
+    plain = json.loads((run_dir / "summary.json").read_text())
+    assert plain["tta"] is None
+    for split in ("valid", "test"):
+        predictions = pd.read_csv(run_dir / f"predictions_{split}.csv")
+        patients = pd.read_csv(run_dir / f"patients_{split}.csv", dtype={"patient": str})
+        assert list(patients.columns) == ["patient", "label", "cells", "accuracy", "predicted_all_share",
+                                          "mean_prob_all", "predicted_label"]
+        assert patients["cells"].sum() == len(predictions) and set(patients["patient"]) == \
+            set(predictions["patient"].astype(str))
+        # the table is the per-image predictions grouped by patient
+        labels = [1 if "_all" in p else 0 for p in predictions["path"]]
+        expected = patient_table(predictions["patient"].astype(str), predictions["prob_all"], labels)
+        assert np.allclose(patients["accuracy"], expected["accuracy"], atol=1e-6)
+        summary = plain["patients"][split]
+        assert summary["patients"] == len(patients)
+        assert summary["mean_patient_accuracy"] == pytest.approx(patients["accuracy"].mean(), abs=1e-6)
+    # best.pt replaced by fresh weights: a model this short-trained can be saturated (every prob_all 0.000000),
+    # where TTA and plain could not be told apart
+    from models import build_model
+    state = ckpt.load(run_dir / "best.pt")
+    torch.manual_seed(3)
+    state["model"] = build_model("resnet18").state_dict()
+    ckpt.save(state, run_dir / "best.pt")
+    assert evaluate_main([str(run_dir), "--device", "cpu"]) == 0
+    plain = json.loads((run_dir / "summary.json").read_text())
+    assert evaluate_main([str(run_dir), "--tta", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    tta = json.loads((run_dir / "summary.json").read_text())
+    assert tta["splits"] == plain["splits"]  # the plain figures stay, TTA beside them
+    assert set(tta["tta"]["splits"]) == {"valid", "test"} and 0 <= tta["tta"]["test_acc"] <= 1
+    predictions = pd.read_csv(run_dir / "predictions_test.csv")
+    # the TTA column is the mean over the 8 views of best.pt's softmax, computed here independently
+    from pipeline import store
+    from train.augment import GpuAugment
+    from train.loader import CacheLoader
+    from train.loop import Precision
+    from train.tta import tta_probs
+    model = build_model("resnet18")
+    model.load_state_dict(ckpt.load(run_dir / "best.pt")["model"])
+    model.eval()
+    augment = GpuAugment.from_manifest(store.read_manifest(cache), 16).eval()
+    expected = torch.cat([tta_probs(model, augment(x), Precision(channels_last=True), torch.device("cpu"))[:, 1]
+                          for x, _ in CacheLoader(cache, 16, "test", 4)])
+    assert np.allclose(predictions["prob_all_tta"], expected.numpy(), atol=2e-6)
+    assert not np.allclose(predictions["prob_all_tta"], predictions["prob_all"], atol=1e-4)
+    hits = ((predictions["prob_all_tta"] >= 0.5).astype(int) == [1 if "_all" in p else 0 for p in predictions["path"]])
+    assert tta["tta"]["test_acc"] == pytest.approx(hits.mean())

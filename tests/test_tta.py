@@ -105,3 +105,17 @@ def test_a_model_without_the_symmetry_gives_other_probabilities():
     # and it is the mean of the 8 views' probabilities, each computed on its own
     each = torch.stack([_plain_probs(model, v) for v in dihedral_views(x)]).mean(0)
     assert torch.allclose(tta, each, atol=1e-6, rtol=0)
+
+
+def test_the_wrapped_model_gives_the_tta_mean_through_a_softmax():
+    """DihedralTTA (what train.evaluate --tta runs through predict) equals tta_probs after predict's softmax."""
+    from train.loop import Precision
+    from train.tta import DihedralTTA, tta_probs
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2)).eval()
+    x = torch.randn(5, 3, 8, 8)
+    model(x)  # materialise the lazy layer
+    expected = tta_probs(model, x, Precision(), torch.device("cpu"))
+    got = torch.softmax(DihedralTTA(model).eval()(x), 1)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(got, torch.softmax(model(x), 1), atol=1e-3)  # not the plain result

@@ -24,6 +24,7 @@ from train.loop import Precision, predict
 from train.folds import run_loader
 from train.metrics import classification_report, patient_summary, patient_table
 from train.report import plot_confusion, plot_curves, split_result_lines, write_predictions, write_table
+from train.tta import DihedralTTA
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,6 @@ def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = N
         results[split] = report
         tta_probs = None
         if tta:
-            from train.tta import DihedralTTA  # TEMP until merge
             tta_probs, _ = predict(DihedralTTA(model), loader, augment, precision, dev, dist)
             tta_results[split] = classification_report(labels, tta_probs.argmax(1), class_names) \
                 if labelled else None

@@ -41,3 +41,20 @@ def tta_probs(model, x: torch.Tensor, precision: "Precision", device: torch.devi
         logits = model(views)
     probs = torch.softmax(logits.float(), 1)  # (8B, classes) float32
     return probs.view(VIEWS, b, -1).mean(0)
+
+
+class DihedralTTA(torch.nn.Module):
+    """`model` behind the 8 dihedral views, for code that calls a model and takes the softmax of its output
+    (train.loop.predict, so train.evaluate --tta evaluates through the very path of plain evaluation). It returns
+    log(mean softmax over the views), whose softmax is that mean again. Call it under the caller's autocast, like the
+    model; one forward pass over the stacked (8B) batch, as `tta_probs`."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.module = model  # `module`, as DDP names it: predict() finds the head's class count through it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        views = torch.cat(dihedral_views(x)).contiguous(memory_format=torch.channels_last)
+        probs = torch.softmax(self.module(views).float(), 1).view(VIEWS, b, -1).mean(0)
+        return probs.clamp_min(1e-30).log()  # no -inf: a probability can underflow to 0 in float32
