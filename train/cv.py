@@ -20,7 +20,6 @@ import json
 import logging
 import shutil
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -54,23 +53,6 @@ def _parser() -> argparse.ArgumentParser:
         if action.dest == "resume":
             action.metavar, action.help = "CV_DIR", "continue an interrupted cross-validation where it stopped"
     return p
-
-
-def new_cv_dir(out: Path, model: str) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for n in range(1000):
-            path = out / (f"cv-{model}-{stamp}" + (f"-{n}" if n else ""))
-            try:
-                path.mkdir()
-                return path
-            except FileExistsError:
-                continue
-    except OSError as err:
-        raise run_cli.RunError(f"cannot make a CV folder under {out} ({err.strerror or err}); pass --out a "
-                               f"writable folder") from err
-    raise run_cli.RunError(f"could not make a new CV folder under {out}")
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -230,7 +212,9 @@ def main(argv=None) -> int:
             plan, config = plan_cv(args, argv)
         dist = setup(torch.device(config.device).type)
         if cv_dir is None:
-            cv_dir = Path(broadcast_object(new_cv_dir(args.out, plan["model"]) if dist.is_main else None, dist))
+            # cv-<model>-<timestamp>, made as a run folder is: never an existing one
+            cv_dir = Path(broadcast_object(run_cli.new_run_dir(args.out, f"cv-{plan['model']}") if dist.is_main
+                                           else None, dist))
             if dist.is_main:
                 _write_json(cv_dir / PLAN, plan)
         summaries = []
