@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,11 +57,12 @@ class EpochStats:
 
 
 def train_step(model, x: torch.Tensor, labels: torch.Tensor, optimizer, precision: Precision,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SGD step on a prepared batch; returns (loss, logits), still on the device."""
+               device: torch.device, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a prepared batch; returns (loss, logits), still on the device. The loss is the one
+    optimised: cross-entropy with `label_smoothing` (validation's loss is always the plain one)."""
     with precision.autocast(device):
         logits = model(x)
-        loss = F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     if precision.scaler is not None:
         precision.scaler.scale(loss).backward()
@@ -101,14 +103,18 @@ class LossReadout:
 
 def train_one_epoch(model, loader: CacheLoader, augment: GpuAugment, optimizer, precision: Precision,
                     device: torch.device, dist: Dist, generator: torch.Generator, desc: str = "train",
-                    progress: bool = True, refresh_s: float = 1.0) -> EpochStats:
+                    progress: bool = True, refresh_s: float = 1.0, label_smoothing: float = 0.0,
+                    before_step: Callable[[int], None] | None = None, ema=None) -> EpochStats:
     """One pass over `loader`. Nothing here makes the host wait for the device until the epoch ends; the progress
-    bar's loss comes back at most every `refresh_s` seconds without a wait (LossReadout), never with progress off."""
+    bar's loss comes back at most every `refresh_s` seconds without a wait (LossReadout), never with progress off.
+
+    `before_step(i)` runs before step i of the epoch (the schedule setting that step's lr, host floats only);
+    `ema.update()` after every step (a moving average of the weights, queued on the device)."""
     model.train()
     augment.train()
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # device-side sums: no sync per step
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    images = 0
+    images = steps = 0
     timer = EpochTimer(device)
     readout = LossReadout(device) if progress else None
     start = last_refresh = time.perf_counter()
@@ -124,10 +130,15 @@ def train_one_epoch(model, loader: CacheLoader, augment: GpuAugment, optimizer, 
         timer.batch_ready()
         x = precision.prepare(augment.apply(uint8_images, augment.sample(len(labels), generator)))
         timer.augmented()
-        loss, logits = train_step(model, x, labels, optimizer, precision, device)
+        if before_step is not None:
+            before_step(steps)
+        loss, logits = train_step(model, x, labels, optimizer, precision, device, label_smoothing)
+        if ema is not None:
+            ema.update()
         loss_sum += loss.detach().float() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         images += len(labels)
+        steps += 1
         bar.update()
         now = time.perf_counter()
         if progress and (now - last_refresh >= refresh_s or bar.n == bar.total):

@@ -2,6 +2,7 @@
 
     python -m train.run resnet18 --stages 64:2 96:1           a short run
     python -m train.run resnet152                             the report's recipe (128:550 then 224:100:32)
+    python -m train.run resnet50 --stages 128:40 224:10 --recipe modern   today's usual options (--recipe)
     torchrun --nproc_per_node 4 -m train.run resnet50         DistributedDataParallel, one process per GPU
 The last line printed is the run folder.
 """
@@ -21,7 +22,8 @@ from models import MODEL_NAMES, STEMS, ModelError
 from pipeline.progress import add_progress_flags, bars
 from pipeline.store import MANIFEST, CacheError, read_manifest
 from train import checkpoint as ckpt
-from train.config import PRESETS, Stage, TrainConfig, check_numbers, parse_lr_drop, parse_stages
+from train.config import (MODERN_ADAMW, OPTIMIZERS, PRESETS, RECIPES, SCHEDULES, Stage, TrainConfig, check_choices,
+                          check_numbers, parse_lr_drop, parse_stages)
 from train.distributed import Dist, broadcast_object, setup, teardown
 from train.evaluate import evaluate_run, open_run_cache, read_run_config
 from train.report import result_line
@@ -78,9 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", nargs="+", help="SIZE:EPOCHS[:BATCH] items (default: the model's preset)")
     p.add_argument("--epochs", type=int, help="one stage of N epochs at the largest cached size")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.005)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--lr-drop", nargs="+", help="epochs (1-based) at which lr /= 10, and/or plateau:PATIENCE")
+    add_training_options(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder of run folders")
     p.add_argument("--seed", type=int, default=0)
@@ -99,6 +99,69 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _ema_decay(text: str) -> float | str:
+    if text.lower() in ("off", "none"):
+        return "off"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be off or a number in (0, 1), e.g. 0.998, got {text!r}") from None
+
+
+def add_training_options(p: argparse.ArgumentParser) -> None:
+    """The recipe and the options it sets (timm's names and meanings). Each defaults to None: the recipe decides,
+    and a flag given explicitly overrides the recipe's value. config.json records the resolved values."""
+    def shown(value) -> str:
+        if value is None or isinstance(value, bool):
+            return "on" if value else "off"
+        return value if isinstance(value, str) else f"{value:g}"
+
+    def values(name):
+        return ", ".join(f"{recipe} {shown(RECIPES[recipe][name])}" for recipe in RECIPES)
+    g = p.add_argument_group("training options (default: the --recipe's value; given, they override it)")
+    g.add_argument("--recipe", choices=tuple(RECIPES),
+                   help="report (default): the report's recipe, SGD momentum 0.9, lr 0.005, no weight decay, no "
+                        "label smoothing, step lr drops (--lr-drop), no warmup, no EMA. modern: SGD with Nesterov "
+                        "momentum 0.9, lr 0.005, weight decay 5e-4, label smoothing 0.1, cosine to 0 after 1 "
+                        "warmup epoch per stage, EMA 0.998 with warmup (with --opt adamw: lr 0.001, weight decay "
+                        "0.05)")
+    g.add_argument("--opt", choices=OPTIMIZERS,
+                   help="sgd: the report's momentum SGD (unlike timm's `sgd`, Nesterov only with --nesterov); "
+                        "adamw: AdamW with torch's default betas (0.9, 0.999) and decoupled weight decay")
+    g.add_argument("--lr", type=float, help=f"base learning rate ({values('lr')}; modern with adamw 0.001)")
+    g.add_argument("--momentum", type=float, help=f"SGD's momentum ({values('momentum')})")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"Nesterov momentum for --opt sgd ({values('nesterov')})")
+    g.add_argument("--weight-decay", type=float,
+                   help=f"weight decay of conv and linear weights; norm layers' parameters and biases get none, as "
+                        f"in timm ({values('weight_decay')}; modern with adamw 0.05)")
+    g.add_argument("--label-smoothing", type=float,
+                   help=f"label smoothing of the training loss, in [0, 1); the validation loss (metrics.csv "
+                        f"valid_loss) stays plain cross-entropy, while train_loss is the smoothed loss trained on "
+                        f"({values('label_smoothing')})")
+    g.add_argument("--sched", choices=SCHEDULES,
+                   help="step: lr /= 10 at the --lr-drop epochs; plateau: also whenever valid accuracy has not "
+                        "improved for N epochs (--lr-drop plateau:N); cosine: from the base lr to --min-lr over each "
+                        "stage, set every step. Every stage restarts the schedule at the base lr; metrics.csv's lr is "
+                        "the lr of each epoch's first step. Default: plateau "
+                        "when --lr-drop plateau:N is given, step with other --lr-drop, else the recipe's "
+                        f"({values('sched')})")
+    g.add_argument("--lr-drop", nargs="+", help="epochs (1-based) at which lr /= 10, and/or plateau:PATIENCE")
+    g.add_argument("--min-lr", type=float, help="where --sched cosine ends (0)")
+    g.add_argument("--warmup-epochs", type=int,
+                   help=f"linear warmup over the first N epochs of each stage, set every step, from --warmup-lr to "
+                        f"the lr the schedule starts from ({values('warmup_epochs')})")
+    g.add_argument("--warmup-lr", type=float, help="the lr of the warmup's first step (1e-5, timm's default)")
+    g.add_argument("--ema-decay", type=_ema_decay, metavar="DECAY|off",
+                   help="keep an exponential moving average of the weights (BatchNorm statistics included), "
+                        "updated after every optimizer step with this decay; validation, best.pt and the reports "
+                        f"then use the EMA weights; each stage restarts it ({values('ema_decay')}; off turns it off)")
+    g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="timm's EMA warmup: the k-th update since the EMA (re)started uses decay min(DECAY, "
+                        "1 - k^(-2/3)), so that runs of a few hundred steps are not measured on nearly initial "
+                        f"weights ({values('ema_warmup')})")
+
+
 def parse_args(argv):
     args = _parser().parse_args(argv)
     if args.stop_after is not None and args.stop_after < 1:
@@ -110,6 +173,14 @@ def parse_args(argv):
 RESUME_MAY_CHANGE = ("stop_after", "progress")
 
 
+def _shown(flag: str, value, bare: bool = False) -> str:
+    """A flag as given: --nesterov / --no-nesterov, --ema-decay off, --lr 0.1 (`bare`: the value alone)."""
+    if isinstance(value, bool) and flag in ("--nesterov", "--amp", "--ema-warmup"):
+        return f"--{'' if value else 'no-'}{flag[2:]}"
+    value = "off" if value is None and flag == "--ema-decay" else value
+    return f"{value}" if bare else f"{flag} {value}"
+
+
 def resume_conflicts(args, config: TrainConfig) -> list[str]:
     """The flags given with --resume that would change the saved run, each with the value the run keeps."""
     defaults = vars(_parser().parse_args([config.model]))
@@ -118,11 +189,14 @@ def resume_conflicts(args, config: TrainConfig) -> list[str]:
     conflicts = [f"model {args.model} (the run trains {config.model})"] if args.model != config.model else []
     same = {"lr": config.lr, "momentum": config.momentum, "seed": config.seed, "stem": config.stem,
             "device": config.device, "amp": config.amp, "compile": config.compile}
+    same.update({name: getattr(config, name) for name in TRAINING_OPTIONS})
     for name, value in given.items():
         flag = "--" + name.replace("_", "-")
+        if name == "ema_decay" and value == "off":
+            value = None
         if name in same:
             if value != same[name]:
-                conflicts.append(f"{flag} {value} (the run keeps {same[name]})")
+                conflicts.append(f"{_shown(flag, value)} (the run keeps {_shown(flag, same[name], bare=True)})")
         elif name == "stages":
             try:
                 stages = parse_stages(value, args.batch_size)
@@ -145,12 +219,50 @@ def resume_conflicts(args, config: TrainConfig) -> list[str]:
     return conflicts
 
 
+# TrainConfig fields set by a flag of the same name, and compared by value on --resume
+TRAINING_OPTIONS = ("recipe", "opt", "nesterov", "weight_decay", "label_smoothing", "sched", "min_lr", "warmup_epochs",
+                    "warmup_lr", "ema_decay", "ema_warmup")
+
+
+def resolve_options(args) -> dict:
+    """The training options: the recipe's values, replaced by the flags given; checked by flag name."""
+    recipe = args.recipe or "report"
+    values = dict(RECIPES[recipe])
+    opt = args.opt or values["opt"]
+    if recipe == "modern" and opt == "adamw":
+        values.update(MODERN_ADAMW)
+    values["opt"] = opt
+    drop_epochs, patience = parse_lr_drop(args.lr_drop)
+    if args.lr_drop and args.sched is None:  # --lr-drop names its own schedule, over the recipe's
+        values["sched"] = "plateau" if patience is not None else "step"
+    for name in ("lr", "momentum", *TRAINING_OPTIONS[2:]):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if values["ema_decay"] == "off":
+        values["ema_decay"] = None
+    if values["ema_decay"] is None and values["ema_warmup"]:
+        if args.ema_warmup:
+            raise RunError("--ema-warmup needs an EMA: give --ema-decay too")
+        values["ema_warmup"] = False  # the recipe's warmup of an EMA turned off
+    if opt == "adamw":
+        if args.momentum is not None:
+            raise RunError("--momentum is SGD's; --opt adamw uses its default betas (0.9, 0.999)")
+        if args.nesterov is None:
+            values["nesterov"] = False  # a recipe's Nesterov is SGD's
+    if values["sched"] != "cosine" and args.min_lr is not None:
+        raise RunError(f"--min-lr is where --sched cosine ends; this run's --sched is {values['sched']}")
+    check_numbers(values["lr"], values["momentum"], args.seed, weight_decay=values["weight_decay"],
+                  label_smoothing=values["label_smoothing"], ema_decay=values["ema_decay"],
+                  warmup_epochs=values["warmup_epochs"], warmup_lr=values["warmup_lr"], min_lr=values["min_lr"])
+    check_choices(recipe, opt, values["nesterov"], values["momentum"], values["sched"], drop_epochs, patience)
+    return {**values, "recipe": recipe, "lr_drop_epochs": drop_epochs, "lr_drop_patience": patience}
+
+
 def resolve_config(args) -> tuple[TrainConfig, bool]:
     """The run's config, and whether it is a model's full preset recipe."""
     if args.model not in MODEL_NAMES:
         raise RunError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_NAMES)}")
-    check_numbers(args.lr, args.momentum, args.seed)
-    drop_epochs, patience = parse_lr_drop(args.lr_drop)
+    options = resolve_options(args)
     if args.stages and args.epochs is not None:
         raise RunError("give --stages or --epochs, not both")
     if args.epochs is not None and args.epochs < 1:
@@ -178,10 +290,9 @@ def resolve_config(args) -> tuple[TrainConfig, bool]:
                        f"with python -m pipeline.build --sizes {' '.join(map(str, missing))} --source "
                        f"{manifest['source']['root']}")
     config = TrainConfig(model=args.model, cache_dir=str(Path(cache).resolve()), cache_key=manifest["key"],
-                         stages=stages, lr=args.lr, momentum=args.momentum, lr_drop_epochs=drop_epochs,
-                         lr_drop_patience=patience, seed=args.seed, device=device,
+                         stages=stages, seed=args.seed, device=device,
                          amp=device.startswith("cuda") if args.amp is None else args.amp, compile=args.compile,
-                         stem=args.stem, pretrained=str(args.pretrained) if args.pretrained else None)
+                         stem=args.stem, pretrained=str(args.pretrained) if args.pretrained else None, **options)
     return config, not (args.stages or args.epochs is not None)
 
 

@@ -1,11 +1,16 @@
 """A whole run: stages (progressive resizing), the learning-rate schedule, checkpoints, metrics, resume.
 
 Each stage after the first starts from the best-valid weights of the stage before (best.pt) with a fresh optimizer
-at the base learning rate, as the report continued its 128 px models at 224 px. best.pt holds the best-valid
-weights of the current stage; last.pt the end of the last finished epoch, and the stage's best weights as well
-(`best_model`, unless they are the epoch's own), so that last.pt alone is enough to continue: a kill between the two
-writes (best.pt is written first) can leave best.pt one epoch ahead of last.pt, never behind it, and resume rewrites
-best.pt from last.pt whenever the two disagree. Only rank 0 writes files.
+at the base learning rate (and a fresh schedule: warmup and cosine run within a stage), as the report continued its
+128 px models at 224 px. best.pt holds the best-valid weights of the current stage; last.pt the end of the last
+finished epoch, and the stage's best weights as well (`best_model`, unless they are the epoch's own), so that last.pt
+alone is enough to continue: a kill between the two writes (best.pt is written first) can leave best.pt one epoch
+ahead of last.pt, never behind it, and resume rewrites best.pt from last.pt whenever the two disagree. Only rank 0
+writes files.
+
+A checkpoint's `model` is always the weights that validation measured: with `--ema-decay` the EMA weights (so
+train.evaluate and anything else reading best.pt's `model` gets them), and the raw training weights are in
+`train_model` (None without EMA), which resume loads back into the trained network.
 """
 from __future__ import annotations
 
@@ -28,8 +33,10 @@ from train import checkpoint as ckpt
 from train.augment import GpuAugment
 from train.config import TrainConfig
 from train.distributed import Dist
+from train.ema import ModelEma
 from train.folds import run_loader
 from train.loop import Precision, loss_and_acc, predict, train_one_epoch, train_step
+from train.optim import Schedule, build_optimizer, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +59,7 @@ METRIC_COLUMNS = ["epoch", "stage", "size", "lr", "train_loss", "train_acc", "va
 class Progress:
     """What the schedule needs to continue exactly: saved in every checkpoint."""
     epoch: int = -1  # last finished global epoch, 0-based
-    lr: float = 0.0
+    lr: float = 0.0  # the step/plateau level: base lr / 10 per drop so far (warmup and cosine are computed from it)
     best_acc: float = -1.0  # best valid accuracy of the current stage
     best_epoch: int = -1
     since_improve: int = 0
@@ -111,10 +118,16 @@ class Trainer:
         if self.dist.enabled:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # the EMA copy is a plain module on every rank: DDP keeps the ranks' weights and buffers equal, so their EMAs
+        # stay equal too, and validation runs on it instead of the trained network
+        self.ema = ModelEma(self.net, self.config.ema_decay, self.config.ema_warmup) if self.config.ema_decay else None
+        self.eval_model = self.ema.module if self.ema else self.model
         if self.config.compile:
             # DDP first, then compile: the compiled graph is split at DDP's buckets, so each bucket's gradient
             # all-reduce starts while the rest of the backward pass is still running.
             self.model = torch.compile(self.model, **COMPILE_OPTIONS)
+            self.eval_model = torch.compile(self.eval_model, **COMPILE_OPTIONS) if self.ema else self.model
+        self.schedule = Schedule.from_config(self.config)
         self.optimizer = self._new_optimizer(self.config.lr)
         self.state = Progress(lr=self.config.lr)
         self.best_weights: dict | None = None  # best-valid weights of the current stage, on the CPU
@@ -123,15 +136,13 @@ class Trainer:
     # ------------------------------------------------------------------ pieces
 
     def _new_optimizer(self, lr: float):
-        # fused on CUDA: one kernel for the update, and with fp16 the grad scaler's inf check stays on the device
-        # (the unfused path reads it back with .item() every step)
-        return torch.optim.SGD(self.net.parameters(), lr=lr, momentum=self.config.momentum,
-                               fused=self.device.type == "cuda")
+        return build_optimizer(self.net, self.config, lr, fused=self.device.type == "cuda")
 
-    def _set_lr(self, lr: float) -> None:
-        self.state.lr = lr
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def _lr(self, epoch: int, step: int = 0, steps: int = 1) -> float:
+        """The lr of step `step` of `steps` in global epoch `epoch` (0-based)."""
+        index = self.config.stage_of(epoch)
+        t = epoch - self.config.stage_start(index) + step / steps
+        return self.schedule.lr(t, self.config.stages[index].epochs, self.state.lr)
 
     def _stage_data(self, index: int):
         """(train loader, valid loader, augment) of a stage, made once."""
@@ -154,7 +165,9 @@ class Trainer:
         best_is_current = self.state.best_epoch == self.state.epoch
         return {
             "version": ckpt.CHECKPOINT_VERSION,
-            "model": self.net.state_dict(),
+            "model": self.ema.state_dict() if self.ema else self.net.state_dict(),  # what validation measured
+            "train_model": self.net.state_dict() if self.ema else None,
+            "ema_updates": self.ema.updates if self.ema else None,  # the EMA warmup's position
             "best_model": self.best_weights if with_best and not best_is_current else None,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
@@ -165,11 +178,21 @@ class Trainer:
             "config": self.config.as_dict(),
         }
 
-    def _load_weights(self, path: Path) -> dict:
+    def _load_checkpoint(self, path: Path) -> dict:
         state = ckpt.load(path)
         ckpt.check_compatible(state, self.config.model, self.config.cache_key, path)
-        self.net.load_state_dict(state["model"])
         return state
+
+    def _load_training_state(self, state: dict, path: Path) -> None:
+        """The trained network's weights, and the EMA's, from a checkpoint to continue from."""
+        if self.ema is None:
+            self.net.load_state_dict(state["model"])
+            return
+        if state.get("train_model") is None:
+            raise ckpt.CheckpointError(f"{path} holds no EMA state (`train_model`), but the run's config has "
+                                       f"--ema-decay {self.config.ema_decay}; start a new run")
+        self.net.load_state_dict(state["train_model"])
+        self.ema.load_state_dict(state["model"], updates=state.get("ema_updates") or 0)
 
     # ------------------------------------------------------------------ files
 
@@ -193,12 +216,15 @@ class Trainer:
     # ------------------------------------------------------------------ resume
 
     def resume(self) -> None:
-        """Continue from last.pt: weights, optimizer, scaler, schedule, RNG, the stage's best weights; metrics after
-        it are dropped, a half-written checkpoint is deleted, and best.pt is rewritten if it disagrees with last.pt."""
+        """Continue from last.pt: weights (and EMA), optimizer (with SGD's momentum or AdamW's moments), scaler,
+        schedule level and plateau counter (warmup and cosine follow from the epoch), RNG, the stage's best
+        weights; metrics after it are dropped, a half-written checkpoint is deleted, and best.pt is rewritten if it
+        disagrees with last.pt."""
         path = self.run_dir / "last.pt"
         for leftover in ckpt.remove_leftovers(self.run_dir) if self.dist.is_main else []:
             log.info("removed %s, left by an interrupted checkpoint write", leftover.name)
-        state = self._load_weights(path)
+        state = self._load_checkpoint(path)
+        self._load_training_state(state, path)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.precision.scaler is not None and state["scaler"] is not None:
             self.precision.scaler.load_state_dict(state["scaler"])
@@ -235,12 +261,10 @@ class Trainer:
                 log.info("best.pt %s; rewriting it from last.pt (epoch %d)",
                          "is missing" if on_disk is None else f"holds epoch {on_disk['epoch'] + 1}",
                          self.state.best_epoch + 1)
-                current = self.net.state_dict()
-                self.net.load_state_dict(self.best_weights)
-                best_state = {**self._checkpoint_state(last["stage"]), "epoch": self.state.best_epoch,
+                best_state = {**self._checkpoint_state(last["stage"]), "model": self.best_weights,
+                              "train_model": None, "ema_updates": None, "epoch": self.state.best_epoch,
                               "progress": {**self.state.as_dict(), "epoch": self.state.best_epoch}}
                 ckpt.save(ckpt.cpu_copy(best_state), best_path)
-                self.net.load_state_dict(current)
 
     # ------------------------------------------------------------------ the run
 
@@ -253,33 +277,41 @@ class Trainer:
             if epoch == cfg.stage_start(index) and index > 0:
                 self._start_stage(index)
             if epoch + 1 in cfg.lr_drop_epochs:
-                self._set_lr(self.state.lr / 10)
+                self.state.lr /= 10
             train_loader = valid_loader = augment = None  # no reference to the last stage's data while switching
             train_loader, valid_loader, augment = self._stage_data(index)
             train_loader.set_epoch(epoch)
+            steps = len(train_loader)
+            lr = self._lr(epoch)  # the epoch's first step's; metrics.csv's lr
+            set_lr(self.optimizer, lr)
+            # warmup and cosine: every step's own lr, a host float (the epoch is resumed at its first step only)
+            before_step = ((lambda i: set_lr(self.optimizer, self._lr(epoch, i, steps))) if self.schedule.per_step
+                           else None)
             # Augmentation parameters depend on (seed, epoch, rank) only, so a resumed run replays them exactly.
             generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 4099 + self.dist.rank)
             stats = train_one_epoch(self.model, train_loader, augment, self.optimizer, self.precision, self.device,
                                     self.dist, generator, desc=f"epoch {epoch + 1}/{cfg.total_epochs} "
-                                    f"{stage.size}px", progress=self.progress and self.dist.is_main)
-            valid_loss, valid_acc = loss_and_acc(*predict(self.model, valid_loader, augment, self.precision,
+                                    f"{stage.size}px", progress=self.progress and self.dist.is_main,
+                                    label_smoothing=cfg.label_smoothing, before_step=before_step, ema=self.ema)
+            valid_loss, valid_acc = loss_and_acc(*predict(self.eval_model, valid_loader, augment, self.precision,
                                                           self.device, self.dist))
-            self._check_finite(epoch, stage.size, stats.loss, valid_loss, valid_acc)
-            self._after_epoch(epoch, index, stage.size, stats, valid_loss, valid_acc)
+            self._check_finite(epoch, stage.size, lr, stats.loss, valid_loss, valid_acc)
+            self._after_epoch(epoch, index, stage.size, lr, stats, valid_loss, valid_acc)
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
         self.writer.wait()
         if self.dist.enabled:
             torch.distributed.barrier()  # every rank may read best.pt once rank 0 has written it
 
-    def _check_finite(self, epoch: int, size: int, train_loss: float, valid_loss: float, valid_acc: float) -> None:
+    def _check_finite(self, epoch: int, size: int, lr: float, train_loss: float, valid_loss: float,
+                      valid_acc: float) -> None:
         """Stop on a NaN or infinite loss (read once per epoch, so no extra wait), before anything is saved."""
         bad = [(name, value) for name, value in (("training", train_loss), ("validation", valid_loss))
                if not math.isfinite(value) and not (name == "validation" and math.isnan(valid_acc))]
         if bad:
             name, value = bad[0]
             raise TrainingDiverged(
-                f"epoch {epoch + 1} ({size} px): the {name} loss became {value} at lr {self.state.lr:g}; the run stops "
+                f"epoch {epoch + 1} ({size} px): the {name} loss became {value} at lr {lr:g}; the run stops "
                 f"here and nothing of this epoch was saved. Start again with a lower --lr (last.pt holds the epoch "
                 f"before, for --resume), or check the cache with python -m pipeline.cache verify")
 
@@ -287,7 +319,9 @@ class Trainer:
         if self.best_weights is not None:
             self.net.load_state_dict(self.best_weights)
         else:  # resumed from a version 1 checkpoint exactly at a stage boundary: the previous stage's best is on disk
-            self._load_weights(self.run_dir / "best.pt")
+            self.net.load_state_dict(self._load_checkpoint(self.run_dir / "best.pt")["model"])
+        if self.ema is not None:
+            self.ema.restart()  # the EMA of the new stage starts from the weights it starts from
         log.info("stage %d: %d px, starting from the best-valid weights of the stage before (epoch %d, acc %.4f)",
                  index + 1, self.config.stages[index].size, self.state.best_epoch + 1, self.state.best_acc)
         self.optimizer = self._new_optimizer(self.config.lr)
@@ -296,7 +330,8 @@ class Trainer:
         self.state = Progress(epoch=self.state.epoch, lr=self.config.lr)
         self.best_weights = None
 
-    def _after_epoch(self, epoch: int, index: int, size: int, stats, valid_loss: float, valid_acc: float) -> None:
+    def _after_epoch(self, epoch: int, index: int, size: int, lr: float, stats, valid_loss: float,
+                     valid_acc: float) -> None:
         s = self.state
         s.epoch = epoch
         improved = valid_acc > s.best_acc
@@ -304,14 +339,13 @@ class Trainer:
             s.best_acc, s.best_epoch, s.since_improve = valid_acc, epoch, 0
             # Every rank sees the same reduced accuracy, so every rank keeps the same best weights (no shared
             # file system needed for the next stage's start).
-            self.best_weights = ckpt.cpu_copy(self.net.state_dict())
+            self.best_weights = ckpt.cpu_copy(self.ema.state_dict() if self.ema else self.net.state_dict())
         else:
             s.since_improve += 1
-        lr_used = s.lr
         if self.config.lr_drop_patience and s.since_improve >= self.config.lr_drop_patience:
             log.info("valid accuracy has not improved for %d epochs: lr %.2g -> %.2g", s.since_improve, s.lr,
                      s.lr / 10)
-            self._set_lr(s.lr / 10)
+            s.lr /= 10
             s.since_improve = 0
         if self.dist.is_main:
             state = self._checkpoint_state(index, with_best=True)
@@ -319,7 +353,7 @@ class Trainer:
             items = ([(state, self.run_dir / "best.pt")] if improved else []) + [(state, self.run_dir / "last.pt")]
             self.writer.submit(items)
             self._append_metrics({
-                "epoch": epoch + 1, "stage": index + 1, "size": size, "lr": lr_used,
+                "epoch": epoch + 1, "stage": index + 1, "size": size, "lr": lr,
                 "train_loss": round(stats.loss, 6), "train_acc": round(stats.acc, 6),
                 "valid_loss": round(valid_loss, 6), "valid_acc": round(valid_acc, 6),
                 "epoch_s": round(stats.seconds, 3), "imgs_per_s": round(stats.imgs_per_s, 1),
@@ -337,7 +371,7 @@ def estimate_seconds(config: TrainConfig, steps: int = 2) -> tuple[float, list[s
     device = torch.device(config.device)
     precision = Precision.for_device(device, config.amp)
     model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    optimizer = build_optimizer(model, config, config.lr, fused=False)
     total, lines = 0.0, []
     for stage in config.stages:
         x = precision.prepare(torch.randn(stage.batch_size, 3, stage.size, stage.size, device=device))
@@ -345,7 +379,7 @@ def estimate_seconds(config: TrainConfig, steps: int = 2) -> tuple[float, list[s
         for i in range(steps + 1):
             if i == 1:
                 start = time.perf_counter()
-            train_step(model, x, y, optimizer, precision, device)
+            train_step(model, x, y, optimizer, precision, device, config.label_smoothing)
         rate = steps * stage.batch_size / (time.perf_counter() - start)
         count = reader.count(stage.size, "train") + reader.count(stage.size, "valid") / 3  # eval ~ 1/3 of a step
         seconds = stage.epochs * count / rate
