@@ -129,4 +129,4 @@ def test_compare_takes_a_cv_folder_as_mean_and_std(cv_run, tmp_path, capsys):
     cv_dir, _ = cv_run
     assert compare_main([str(cv_dir), "--out", str(tmp_path / "c.png")]) == 0
     out = capsys.readouterr().out
-    assert "3-fold CV" in out and "+-" in out and (tmp_path / "c.png").is_file()
+    assert "resnet18 (report) 3-fold CV" in out and "+-" in out and (tmp_path / "c.png").is_file()

@@ -76,7 +76,7 @@ def test_a_run_writes_every_report(cache, tmp_path, capsys):
     # compare: one table row per run
     assert compare_main([str(run_dir), str(run_dir), "--out", str(tmp_path / "cmp.png")]) == 0
     out = capsys.readouterr().out
-    assert out.count("| resnet18 |") == 2 and (tmp_path / "cmp.png").is_file()
+    assert out.count("| resnet18 (report) |") == 2 and (tmp_path / "cmp.png").is_file()
 
 
 def test_the_next_stage_starts_from_the_best_valid_weights(cache, tmp_path, monkeypatch):

@@ -25,11 +25,18 @@ def _pm(stat: dict, digits=4) -> str:
     return f"{stat['mean']:.{digits}f} +- {stat['std']:.{digits}f}"
 
 
+def _label(model: str, run_dir: Path) -> str:
+    """`model` with its --recipe, which is what a comparison of recipes must tell apart."""
+    config = run_dir / "config.json"
+    recipe = json.loads(config.read_text())["config"].get("recipe") if config.is_file() else None
+    return f"{model} ({recipe})" if recipe else model
+
+
 def _cv_row(cv_dir: Path) -> tuple[str, tuple[str, pd.DataFrame]]:
     summary = json.loads((cv_dir / "cv_summary.json").read_text())
     metrics = pd.concat([pd.read_csv(cv_dir / f["run_dir"] / "metrics.csv") for f in summary["folds"]])
     mean_curve = metrics.groupby("epoch", as_index=False)["valid_acc"].mean()
-    name = f"{summary['model']} {summary['k']}-fold CV"
+    name = f"{_label(summary['model'], cv_dir / summary['folds'][0]['run_dir'])} {summary['k']}-fold CV"
     row = (f"| {name} | {cv_dir.name} | {_pm(summary['best_valid_acc'])} | {_pm(summary['test_acc'])} | "
            f"{_pm(summary['test_f1_weighted'])} | {_pm(summary['seconds_per_epoch'], 2)} |")
     return row, (f"{name} ({cv_dir.name}), mean of folds", mean_curve)
@@ -59,8 +66,9 @@ def compare(run_dirs: list[Path], out: Path) -> str:
         if not metrics_path.is_file():
             raise FileNotFoundError(f"{run}: no metrics.csv beside its summary.json")
         metrics = pd.read_csv(metrics_path)
-        curves.append((f"{summary['model']} ({run.name})", metrics))
-        rows.append(f"| {summary['model']} | {run.name} | {_fmt(summary['best_valid_acc'])} | "
+        label = _label(summary["model"], run)
+        curves.append((f"{label} {run.name}", metrics))
+        rows.append(f"| {label} | {run.name} | {_fmt(summary['best_valid_acc'])} | "
                     f"{_fmt(summary['test_acc'])} | {_fmt(summary['test_f1_weighted'])} | "
                     f"{_fmt(summary['seconds_per_epoch'], 2)} |")
     if not rows:
