@@ -56,3 +56,10 @@ def test_kaggle_folds_come_from_the_folders_and_refuse_other_layouts():
     with pytest.raises(FoldError, match="layout is class-folders.*--folds K"):
         kaggle_folds(["all/UID_1_1_1_all.bmp"] + paths, "class-folders")
     assert np.all([p.count("fold_") == 1 for p in paths])
+
+
+def test_one_patient_of_a_class_cannot_be_cross_validated_and_says_so():
+    patients, paths, labels = _rows({"H1": (0, 5), "1": (1, 5), "2": (1, 5)})  # the real sample's make-up
+    with pytest.raises(FoldError, match="at least 2 patients of each class") as err:
+        patient_folds(patients, paths, labels, 2, seed=0)
+    assert "--folds 2 or fewer" not in str(err.value)

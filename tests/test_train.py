@@ -264,7 +264,7 @@ def test_evaluation_reports_patients_and_keeps_tta_beside_plain(cache, tmp_path,
     assert evaluate_main([str(run_dir), "--device", "cpu"]) == 0
     plain = json.loads((run_dir / "summary.json").read_text())
     assert evaluate_main([str(run_dir), "--tta", "--device", "cpu"]) == 0
-    capsys.readouterr()
+    assert "with TTA (8 views), test acc" in capsys.readouterr().out
     tta = json.loads((run_dir / "summary.json").read_text())
     assert tta["splits"] == plain["splits"]  # the plain figures stay, TTA beside them
     assert set(tta["tta"]["splits"]) == {"valid", "test"} and 0 <= tta["tta"]["test_acc"] <= 1
@@ -285,3 +285,30 @@ def test_evaluation_reports_patients_and_keeps_tta_beside_plain(cache, tmp_path,
     assert not np.allclose(predictions["prob_all_tta"], predictions["prob_all"], atol=1e-4)
     hits = ((predictions["prob_all_tta"] >= 0.5).astype(int) == [1 if "_all" in p else 0 for p in predictions["path"]])
     assert tta["tta"]["test_acc"] == pytest.approx(hits.mean())
+
+
+def test_a_split_the_cache_lacks_is_refused_and_nothing_changes(cache, tmp_path, capsys):
+    from train.evaluate import main as evaluate_main
+    run_dir = run(["resnet18", "--stages", "16:1"] + common(cache, tmp_path), capsys)
+    before = (run_dir / "summary.json").read_bytes()
+    assert evaluate_main([str(run_dir), "--split", "tset", "--checkpoint", "last.pt", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no split 'tset'" in err and "test, train, valid" in err
+    assert (run_dir / "summary.json").read_bytes() == before
+
+
+def test_a_stopped_run_is_not_compared_as_a_result_and_ctrl_c_says_how_to_go_on(cache, tmp_path, capsys,
+                                                                                 monkeypatch):
+    from train.evaluate import main as evaluate_main
+    run_dir = run(["resnet18", "--stages", "16:2", "--stop-after", "1"] + common(cache, tmp_path), capsys)
+    assert evaluate_main([str(run_dir), "--device", "cpu"]) == 0  # best.pt so far: allowed, but marked
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "unfinished"
+    capsys.readouterr()
+    assert compare_main([str(run_dir), "--out", str(tmp_path / "c.png")]) == 2  # nothing finished to compare
+    assert f"--resume {run_dir}" in capsys.readouterr().err
+
+    def interrupted(self, stop_after_epoch=None):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer_mod.Trainer, "fit", interrupted)
+    assert main(["resnet18", "--resume", str(run_dir), "--no-progress"]) == 130
+    assert f"continue with python -m train.run resnet18 --resume {run_dir}" in capsys.readouterr().err

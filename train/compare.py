@@ -36,7 +36,8 @@ def _cv_row(cv_dir: Path) -> tuple[str, tuple[str, pd.DataFrame]]:
     summary = json.loads((cv_dir / "cv_summary.json").read_text())
     metrics = pd.concat([pd.read_csv(cv_dir / f["run_dir"] / "metrics.csv") for f in summary["folds"]])
     mean_curve = metrics.groupby("epoch", as_index=False)["valid_acc"].mean()
-    name = f"{_label(summary['model'], cv_dir / summary['folds'][0]['run_dir'])} {summary['k']}-fold CV"
+    scheme = " (Kaggle folds)" if summary.get("scheme") == "kaggle" else ""
+    name = f"{_label(summary['model'], cv_dir / summary['folds'][0]['run_dir'])} {summary['k']}-fold CV{scheme}"
     row = (f"| {name} | {cv_dir.name} | {_pm(summary['best_valid_acc'])} | {_pm(summary['test_acc'])} | "
            f"{_pm(summary['test_f1_weighted'])} | {_pm(summary['seconds_per_epoch'], 2)} |")
     return row, (f"{name} ({cv_dir.name}), mean of folds", mean_curve)
@@ -56,11 +57,20 @@ def compare(run_dirs: list[Path], out: Path) -> str:
             continue
         summary_path, metrics_path = run / "summary.json", run / "metrics.csv"
         if not summary_path.is_file():
-            raise FileNotFoundError(f"{run}: no summary.json; is the run finished? "
-                                    f"(python -m train.evaluate {run} writes the summary)")
+            if not (run / "config.json").is_file():
+                raise FileNotFoundError(f"{run}: neither a run folder (train.run) nor a cross-validation folder "
+                                        f"(train.cv)")
+            print(f"skipped {run}: the run has not finished (no summary.json); continue it with python -m "
+                  f"train.run MODEL --resume {run}", file=sys.stderr)
+            continue
         summary = json.loads(summary_path.read_text())
-        if summary.get("status", "complete") != "complete":  # a failed run holds no result to compare
-            print(f"skipped {run}: the run {summary.get('status')} ({summary.get('error', 'no reason recorded')})",
+        status = summary.get("status", "complete")
+        if status == "unfinished":  # evaluated before its last epoch: not a result of its recipe
+            print(f"skipped {run}: evaluated after {summary.get('epochs')} epochs, before the run finished; "
+                  f"continue it with python -m train.run MODEL --resume {run}", file=sys.stderr)
+            continue
+        if status != "complete":  # a failed run holds no result to compare
+            print(f"skipped {run}: the run {status} ({summary.get('error', 'no reason recorded')})",
                   file=sys.stderr)
             continue
         if not metrics_path.is_file():
@@ -80,9 +90,12 @@ def compare(run_dirs: list[Path], out: Path) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__.splitlines()[0])
-    p.add_argument("runs", type=Path, nargs="+")
-    p.add_argument("--out", type=Path, default=Path("compare.png"), help="figure of the valid-accuracy curves")
+    p = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR|CV_DIR",
+                   help="run folders (train.run) and cross-validation folders (train.cv)")
+    p.add_argument("--out", type=Path, default=Path("compare.png"),
+                   help="figure of the valid-accuracy curves (default: compare.png; replaced if it exists)")
     args = p.parse_args(argv)
     try:
         table = compare(args.runs, args.out)

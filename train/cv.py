@@ -49,9 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     p.prog, p.description, p.epilog = "python -m train.cv", __doc__.splitlines()[0], __doc__
     p.add_argument("--folds", help="K (2 or more) for patient-grouped stratified folds, or kaggle for the Kaggle "
                                    "layout's fold_N folders (required unless --resume)")
-    for action in p._actions:  # the same flag, another folder
-        if action.dest == "resume":
+    for action in p._actions:
+        if action.dest == "resume":  # the same flag, another folder
             action.metavar, action.help = "CV_DIR", "continue an interrupted cross-validation where it stopped"
+        elif action.dest == "stop_after":  # one run's flag: a CV is stopped by interrupting it
+            action.help = argparse.SUPPRESS
     return p
 
 
@@ -69,6 +71,7 @@ def plan_cv(args, argv: list[str]) -> tuple[dict, run_cli.TrainConfig]:
     """A new CV's plan (folds and arguments) and the configuration every fold shares."""
     if args.folds is None:
         raise run_cli.RunError("give --folds K (e.g. 3) or --folds kaggle, or --resume CV_DIR")
+    args.folds = args.folds.strip().lower()
     if args.folds != "kaggle" and not args.folds.isdigit():
         raise run_cli.RunError(f"--folds must be a number of folds (2 or more) or kaggle, got {args.folds!r}")
     if args.stop_after is not None:
@@ -230,6 +233,11 @@ def main(argv=None) -> int:
             FileNotFoundError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: finished folds and the interrupted fold's last.pt stay; say how to go on
+        if dist is None or dist.is_main:
+            print("\ninterrupted" + (f"; continue with python -m train.cv {args.model} --resume {cv_dir}"
+                                      if cv_dir is not None else ""), file=sys.stderr)
+        return 130
     finally:
         if dist is not None:
             teardown(dist)

@@ -51,16 +51,22 @@ def _nan_to_none(value):
 
 
 def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = None, dist: Dist = Dist(),
-                 batch_size: int | None = None, checkpoint: str = "best.pt", tta: bool = False) -> dict:
+                 batch_size: int | None = None, checkpoint: str = "best.pt", tta: bool = False,
+                 strict: bool = False) -> dict:
     """Evaluate `checkpoint` of a run on `splits`; rank 0 writes the reports. Returns the summary.
 
-    With `tta` each split is also evaluated on the mean softmax over the 8 dihedral views of the centre crop; the
+    A split the cache does not have is skipped (a cache may have no test split), or with `strict` (splits the user
+    named) refused before anything is written. With `tta` each split is also evaluated on the mean softmax over the 8 dihedral views of the centre crop; the
     summary keeps both (`splits` plain, `tta` beside it)."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     state = ckpt.load(run_dir / checkpoint)
     ckpt.check_compatible(state, config.model, config.cache_key, run_dir / checkpoint)
     reader = open_run_cache(config, run_dir)
+    unknown = [split for split in splits if split not in reader.manifest["splits"]]
+    if strict and unknown:
+        raise ValueError(f"the run's cache {config.cache_dir} has no split {', '.join(map(repr, unknown))} (it has: "
+                         f"{', '.join(sorted(reader.manifest['splits']))}); nothing was evaluated or changed")
     dev = torch.device(device or config.device)
     if dev.type == "cuda" and dist.enabled:
         dev = torch.device("cuda", dist.local_rank)
@@ -119,8 +125,10 @@ def _summary(run_dir: Path, config: TrainConfig, state: dict, results: dict, che
     metrics_path = run_dir / "metrics.csv"
     metrics = pd.read_csv(metrics_path) if metrics_path.exists() else pd.DataFrame()
     valid, test = results.get("valid"), results.get("test")
+    finished = len(metrics) >= config.total_epochs
     return {
-        "status": "complete",
+        # "unfinished": evaluated before the run's last epoch (a stopped run); train.compare leaves it out
+        "status": "complete" if finished else "unfinished",
         "model": config.model,
         "checkpoint": checkpoint,
         "checkpoint_epoch": state["epoch"] + 1,
@@ -151,7 +159,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--split", nargs="+", default=["valid", "test"], help="splits to evaluate")
+    p.add_argument("--split", nargs="+", help="splits to evaluate (default: valid and test, those the cache has)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the run's)")
     p.add_argument("--checkpoint", default="best.pt", help="best.pt or last.pt")
     p.add_argument("--tta", action="store_true",
@@ -163,8 +171,8 @@ def main(argv=None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dist = setup(torch.device(device).type)
     try:
-        summary = evaluate_run(args.run_dir, tuple(args.split), device, dist, checkpoint=args.checkpoint,
-                               tta=args.tta)
+        summary = evaluate_run(args.run_dir, tuple(args.split or ("valid", "test")), device, dist,
+                               checkpoint=args.checkpoint, tta=args.tta, strict=args.split is not None)
     except (FileNotFoundError, ckpt.CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -61,9 +61,11 @@ def patient_folds(patients, paths, labels, k: int, seed: int) -> list[list[str]]
     short = {c: n for c, n in per_class.items() if n < k}
     if short or len(per_class) < 2:
         counts = ", ".join(f"{n} {_class_name(c)}" for c, n in sorted(per_class.items()))
+        fewest = min(per_class.values()) if len(per_class) == 2 else 0
+        fix = (f"use --folds {fewest} or fewer" if fewest >= 2 else
+               "cross-validation needs at least 2 patients of each class, so this cache cannot be cross-validated")
         raise FoldError(f"--folds {k}: every fold's valid part needs patients of both classes, but the cache's train "
-                        f"+ valid images come from {counts} patient(s); use --folds "
-                        f"{max(2, min(per_class.values()))} or fewer, or a cache with more patients")
+                        f"+ valid images come from {counts} patient(s); {fix}, or use a cache with more patients")
     rng = np.random.default_rng(seed)
     folds: list[list[str]] = [[] for _ in range(k)]
     for label in sorted(per_class):

@@ -119,4 +119,8 @@ def split_result_lines(summary: dict) -> list[str]:
         else:
             lines.append(f"{head}, {split} acc {report['accuracy']:.4f}, {split} F1 (weighted) "
                          f"{report['f1_weighted']:.4f}")
+    for split, report in ((summary.get("tta") or {}).get("splits") or {}).items():
+        if report is not None:
+            lines.append(f"{head} with TTA (8 views), {split} acc {report['accuracy']:.4f}, {split} F1 (weighted) "
+                         f"{report['f1_weighted']:.4f}")
     return lines

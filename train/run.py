@@ -362,6 +362,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     dist = Dist()
     summary = None  # the final evaluation's figures, when the run finishes
+    run_dir = None
     try:
         if args.resume:
             config = read_run_config(args.resume)
@@ -387,6 +388,13 @@ def main(argv=None) -> int:
             TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the last finished epoch is in last.pt; say how to go on, not a traceback
+        if dist.is_main:
+            where = run_dir and Path(run_dir)
+            print("\ninterrupted" + (f"; continue with python -m train.run {args.model} --resume {where}"
+                                      if where is not None and (where / "last.pt").is_file() else
+                                      " before the first epoch ended: nothing to resume"), file=sys.stderr)
+        return 130
     finally:
         teardown(dist)
     if dist.is_main:
