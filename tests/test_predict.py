@@ -180,12 +180,22 @@ def test_an_existing_output_is_refused_and_left_unchanged(trained, tmp_path, cap
         target.unlink()
 
 
+def test_a_folder_as_out_is_refused(trained, tmp_path, capsys):
+    from train.predict import main as predict_main
+    for out in (str(tmp_path) + "/", str(tmp_path)):  # would become a file named like the folder
+        with pytest.raises(SystemExit) as stop:
+            predict_main([str(trained["run"]), str(trained["src"]), "--out", out])
+        assert stop.value.code == 2 and "is a folder; --out takes a CSV file name" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_errors_name_the_thing_and_what_to_do(trained, tmp_path, capsys):
     run, src, out = str(trained["run"]), str(trained["src"]), ["--out", str(tmp_path / "p.csv")]
     cases = [
         ([str(tmp_path / "nope"), src], "run folder"),
         ([str(tmp_path), src], "no config.json"),
-        ([run, src, "--checkpoint", "missing.pt"], "missing.pt: no such checkpoint (the run folder has: best.pt, last.pt)"),
+        ([run, src, "--checkpoint", "missing.pt"],
+         "missing.pt: no such checkpoint (the run folder has: best.pt, last.pt)"),
         ([run, str(tmp_path / "ghost.bmp")], "ghost.bmp does not exist"),
         ([run, str(tmp_path)], "no images found"),
         ([run, src, "--out", str(tmp_path / "no" / "p.csv")], "does not exist; create it or pass another --out"),

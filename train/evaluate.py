@@ -56,8 +56,8 @@ def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = N
     """Evaluate `checkpoint` of a run on `splits`; rank 0 writes the reports. Returns the summary.
 
     A split the cache does not have is skipped (a cache may have no test split), or with `strict` (splits the user
-    named) refused before anything is written. With `tta` each split is also evaluated on the mean softmax over the 8 dihedral views of the centre crop; the
-    summary keeps both (`splits` plain, `tta` beside it)."""
+    named) refused before anything is written. With `tta` each split is also evaluated on the mean softmax over the
+    8 dihedral views of the centre crop; the summary keeps both (`splits` plain, `tta` beside it)."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     state = ckpt.load(run_dir / checkpoint)

@@ -9,8 +9,9 @@ not by row numbers, so it means the same at every cached size:
 - "patients": patient-grouped, class-stratified K-fold. Each class's patients, in a seeded random order, go one by
   one to the fold with the fewest cells of that class so far: no patient is in two folds, and the folds' cell counts
   per class differ by at most one patient's cells (greedy assignment in any order guarantees that). Not sorting by
-  size first keeps the seed meaningful: another --seed gives other folds, for repeated CV. An image whose patient id could not be parsed is a group of
-  its own (it cannot be grouped with anything, and one "unknown" group would swallow them all).
+  size first keeps the seed meaningful: another --seed gives other folds, for repeated CV. An image whose patient
+  id could not be parsed is a group of its own (it cannot be grouped with anything, and one "unknown" group would
+  swallow them all).
 - "kaggle": the Kaggle layout's own `fold_0/1/2` folders (read from the cached paths; no rebuild).
 
 The test split is never part of a fold.

@@ -273,6 +273,14 @@ def companions(out: Path) -> tuple[Path, Path]:
     return out.with_name(f"{out.stem}_patients.csv"), out.with_name(f"{out.stem}_skipped.csv")
 
 
+def _out_file(text: str) -> Path:
+    """--out names a file: `dir/` or an existing folder would otherwise become a file named like the folder."""
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; --out takes a CSV file name, e.g. "
+                                         f"{Path(text) / 'predictions.csv'}")
+    return Path(text)
+
+
 def check_out(out: Path) -> None:
     """PredictError unless every file this command may write is new and its folder writable (checked before any
     image is read, so no work is lost to it)."""
@@ -347,7 +355,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, help="a run folder made by python -m train.run")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or source folders")
     p.add_argument("--checkpoint", default="best.pt", help="checkpoint file in the run folder (best.pt or last.pt)")
-    p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="predictions CSV (must not exist)")
+    p.add_argument("--out", type=_out_file, default=Path("predictions.csv"), help="predictions CSV (must not exist)")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default: the checkpoint stage's; with "
                                                   "--tta an eighth of it, as each image becomes 8 views)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
