@@ -125,6 +125,14 @@ def test_kaggle_folds_of_the_demo_cache_are_its_fold_folders(demo_cache):
     assert [f["valid_groups"] for f in folds] == [["fold_0"], ["fold_1"], ["fold_2"]]
 
 
+def test_a_cv_folder_where_a_run_is_expected_points_to_its_folds(cv_run, capsys):
+    from train.evaluate import main as evaluate_main
+    cv_dir, _ = cv_run
+    assert evaluate_main([str(cv_dir), "--device", "cpu"]) == 2
+    assert f"is a cross-validation folder (train.cv); pass one of its runs, e.g. {cv_dir / 'fold-0'}" in \
+        capsys.readouterr().err
+
+
 def test_compare_takes_a_cv_folder_as_mean_and_std(cv_run, tmp_path, capsys):
     cv_dir, _ = cv_run
     assert compare_main([str(cv_dir), "--out", str(tmp_path / "c.png")]) == 0

@@ -127,9 +127,10 @@ def test_numbers_that_are_not_numbers_are_refused_by_name(cache, tmp_path, capsy
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no run folder for a refused command
 
 
-def test_stop_after_must_be_an_epoch(cache, tmp_path):
-    with pytest.raises(SystemExit, match="--stop-after must be an epoch >= 1, got 0"):
+def test_stop_after_must_be_an_epoch(cache, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
         main(["resnet18", "--stages", "16:1", "--stop-after", "0", *common(cache, tmp_path)])
+    assert stop.value.code == 2 and "--stop-after must be an epoch >= 1, got 0" in capsys.readouterr().err
 
 
 def test_a_diverging_loss_stops_the_run_and_is_never_a_result(cache, tmp_path, capsys):

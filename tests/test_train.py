@@ -300,7 +300,7 @@ def test_a_split_the_cache_lacks_is_refused_and_nothing_changes(cache, tmp_path,
 def test_a_stopped_run_is_not_compared_as_a_result_and_ctrl_c_says_how_to_go_on(cache, tmp_path, capsys,
                                                                                  monkeypatch):
     from train.evaluate import main as evaluate_main
-    run_dir = run(["resnet18", "--stages", "16:2", "--stop-after", "1"] + common(cache, tmp_path), capsys)
+    run_dir = run(["resnet18", "--stages", "16:3", "--stop-after", "1"] + common(cache, tmp_path), capsys)
     assert evaluate_main([str(run_dir), "--device", "cpu"]) == 0  # best.pt so far: allowed, but marked
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "unfinished"
     capsys.readouterr()
@@ -312,3 +312,8 @@ def test_a_stopped_run_is_not_compared_as_a_result_and_ctrl_c_says_how_to_go_on(
     monkeypatch.setattr(trainer_mod.Trainer, "fit", interrupted)
     assert main(["resnet18", "--resume", str(run_dir), "--no-progress"]) == 130
     assert f"continue with python -m train.run resnet18 --resume {run_dir}" in capsys.readouterr().err
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    monkeypatch.undo()
+    # going on (and stopping again) leaves no stale "interrupted" record behind
+    assert main(["resnet18", "--resume", str(run_dir), "--stop-after", "2", "--no-progress"]) == 0
+    assert not (run_dir / "summary.json").exists() and len(pd.read_csv(run_dir / "metrics.csv")) == 2

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 def read_run_config(run_dir: Path) -> TrainConfig:
     path = run_dir / "config.json"
     if not path.is_file():
+        if (run_dir / "cv.json").is_file():
+            raise FileNotFoundError(f"{run_dir} is a cross-validation folder (train.cv); pass one of its runs, e.g. "
+                                    f"{run_dir / 'fold-0'}")
         raise FileNotFoundError(f"{run_dir}: no config.json; is it a run folder made by python -m train.run?")
     return TrainConfig.from_dict(json.loads(path.read_text())["config"])
 

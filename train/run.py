@@ -163,9 +163,10 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv):
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.stop_after is not None and args.stop_after < 1:
-        raise SystemExit(f"python -m train.run: error: --stop-after must be an epoch >= 1, got {args.stop_after}")
+        parser.error(f"--stop-after must be an epoch >= 1, got {args.stop_after}")  # exit 2, as every bad value
     return args
 
 
@@ -342,6 +343,10 @@ def train_and_evaluate(config: TrainConfig, run_dir: Path, dist: Dist, args) -> 
         if args.resume:
             trainer.resume()
             log.info("resuming %s after epoch %d", run_dir, trainer.state.epoch + 1)
+            stale = run_dir / "summary.json"  # a failed or interrupted record: the run is going on, so it no longer is
+            if dist.is_main and stale.is_file() and json.loads(stale.read_text()).get("status") in ("failed",
+                                                                                                   "interrupted"):
+                stale.unlink()
         elif dist.is_main:
             trainer.write_config()
         trainer.fit(stop_after_epoch=args.stop_after)
