@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from models import ModelError
-from pipeline.store import CacheError, CacheReader
+from pipeline.store import CacheError, CacheReader, write_json_atomic
 from train import checkpoint as ckpt
 from train import run as run_cli
 from train.distributed import broadcast_object, setup, teardown
@@ -55,12 +55,6 @@ def _parser() -> argparse.ArgumentParser:
         elif action.dest == "stop_after":  # one run's flag: a CV is stopped by interrupting it
             action.help = argparse.SUPPRESS
     return p
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def _given_flags(argv: list[str]) -> list[str]:
@@ -91,9 +85,10 @@ def run_fold(plan: dict, config, index: int, cv_dir: Path, dist, args) -> dict |
     """Train and evaluate fold `index`, continuing it if it was interrupted; its summary (None if stopped)."""
     run_dir = cv_dir / f"fold-{index}"
     summary_path = run_dir / "summary.json"
-    if summary_path.is_file() and json.loads(summary_path.read_text()).get("status") == "complete":
+    done = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    if done is not None and done.get("status") == "complete":
         log.info("fold %d of %d: done before, kept (%s)", index + 1, len(plan["folds"]), run_dir)
-        return json.loads(summary_path.read_text())
+        return done
     fold_args = argparse.Namespace(**vars(args))
     if (run_dir / "last.pt").is_file():
         fold_args.resume = run_dir
@@ -128,7 +123,8 @@ def ensemble(cv_dir: Path, plan: dict, reader: CacheReader, size: int) -> dict |
     """Test figures of the folds' models together: the mean of their `all` probabilities per test image."""
     if "test" not in reader.splits:
         return None
-    labels = pd.Series(reader.read_meta(size, "test")["labels"], index=reader.read_meta(size, "test")["paths"])
+    test = reader.read_meta(size, "test")
+    labels = pd.Series(test["labels"], index=test["paths"])
     frames = [pd.read_csv(cv_dir / f"fold-{i}" / "predictions_test.csv", usecols=["path", "prob_all"])
               .set_index("path")["prob_all"] for i in range(len(plan["folds"]))]
     mean_prob = pd.concat(frames, axis=1).mean(axis=1).reindex(labels.index)
@@ -146,7 +142,7 @@ def summarise(cv_dir: Path, plan: dict, summaries: list[dict]) -> dict:
     meta = read_cv_meta(reader, size)
     folds = []
     for index, (record, summary) in enumerate(zip(plan["folds"], summaries)):
-        train_rows, valid_rows = fold_rows(reader, size, record)
+        train_rows, valid_rows = fold_rows(reader, size, record, meta)
         valid = summary["splits"].get("valid") or {}
         folds.append({"fold": index, "run_dir": f"fold-{index}", "valid_groups": record["valid_groups"],
                       "train_patients": _patients(meta, train_rows), "valid_patients": _patients(meta, valid_rows),
@@ -219,7 +215,7 @@ def main(argv=None) -> int:
             cv_dir = Path(broadcast_object(run_cli.new_run_dir(args.out, f"cv-{plan['model']}") if dist.is_main
                                            else None, dist))
             if dist.is_main:
-                _write_json(cv_dir / PLAN, plan)
+                write_json_atomic(cv_dir / PLAN, plan)
         summaries = []
         for index in range(len(plan["folds"])):
             summary = run_fold(plan, config, index, cv_dir, dist, args)
@@ -228,7 +224,7 @@ def main(argv=None) -> int:
             summaries.append(summary)
         result = summarise(cv_dir, plan, summaries) if dist.is_main else None
         if dist.is_main:
-            _write_json(cv_dir / SUMMARY, result)
+            write_json_atomic(cv_dir / SUMMARY, result)
     except (run_cli.RunError, ModelError, CacheError, ckpt.CheckpointError, FoldError, ValueError,
             FileNotFoundError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -111,9 +111,10 @@ def read_cv_meta(reader, size: int) -> dict:
     return {key: np.concatenate([p[key] for p in parts]) for key in ("labels", "paths", "patients")}
 
 
-def fold_rows(reader, size: int, fold: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, valid rows) of a fold at `size`: indices into the joined train + valid rows."""
-    meta = read_cv_meta(reader, size)
+def fold_rows(reader, size: int, fold: dict, meta: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, valid rows) of a fold at `size`: indices into the joined train + valid rows. `meta`: that
+    size's `read_cv_meta`, when the caller has it already (it is read from every shard otherwise)."""
+    meta = read_cv_meta(reader, size) if meta is None else meta
     in_valid = np.isin(row_groups(meta, fold["scheme"]), np.array(fold["valid_groups"], dtype=object))
     valid = np.flatnonzero(in_valid)
     train = np.flatnonzero(~in_valid)
@@ -153,7 +154,7 @@ def run_loader(reader, config, size: int, split: str, batch_size: int, **kwargs)
     (`config.fold`) its train or valid part of the cache's train + valid rows. The trainer and train.evaluate
     both take their loaders from here, so a fold means the same rows in training and in its evaluation."""
     from train.loader import CacheLoader  # here: folds are planned (train.cv) without the loader's torch work
-    fold = getattr(config, "fold", None)
+    fold = config.fold
     if fold is None or split not in CV_SPLITS:
         return CacheLoader(reader, size, split, batch_size, **kwargs)
     train_rows, valid_rows = fold_rows(reader, size, fold)

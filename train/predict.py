@@ -35,6 +35,7 @@ from pipeline.config import PreprocessConfig
 from pipeline.progress import add_progress_flags, progress_bar
 from pipeline.sources import IMAGE_SUFFIXES, ON_ERROR, UNKNOWN_LABEL, UNKNOWN_PATIENT, patient_of, printable
 from train import checkpoint as ckpt
+from train import metrics
 from train.augment import AugConfig, GpuAugment
 from train.config import TrainConfig
 from train.loop import Precision
@@ -315,15 +316,13 @@ def prediction_table(entries: list[Entry], probs_all: np.ndarray) -> pd.DataFram
 
 def patient_table(entries: list[Entry], probs_all: np.ndarray) -> pd.DataFrame:
     """Per known patient: cells, the share predicted `all`, the mean probability of `all` (images without a
-    patient id are not in it)."""
-    frame = pd.DataFrame({"patient": [e.patient for e in entries], "prob": probs_all,
-                          "all": (probs_all >= THRESHOLD).astype(float)})
-    frame = frame[frame["patient"] != UNKNOWN_PATIENT]
-    groups = frame.groupby("patient", sort=False)
-    table = pd.DataFrame({"cells": groups.size(), "predicted_all_share": groups["all"].mean().round(6),
-                          "mean_prob_all": groups["prob"].mean().round(6)})
-    table = table.loc[sorted(table.index, key=_natural)].rename_axis("patient").reset_index()
-    return table
+    patient id are not in it); the figures of train.evaluate's patients_<split>.csv, in natural patient order."""
+    known = [i for i, e in enumerate(entries) if e.patient != UNKNOWN_PATIENT]
+    table = metrics.patient_table([entries[i].patient for i in known], np.asarray(probs_all)[known],
+                                  threshold=THRESHOLD)
+    table = table[["patient", "cells", "predicted_all_share", "mean_prob_all"]].round(6)
+    order = sorted(range(len(table)), key=lambda i: _natural(table["patient"].iloc[i]))
+    return table.iloc[order].reset_index(drop=True)
 
 
 def write_outputs(files: list[tuple[Path, pd.DataFrame]]) -> None:
