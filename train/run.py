@@ -343,10 +343,11 @@ def train_and_evaluate(config: TrainConfig, run_dir: Path, dist: Dist, args) -> 
         if args.resume:
             trainer.resume()
             log.info("resuming %s after epoch %d", run_dir, trainer.state.epoch + 1)
-            stale = run_dir / "summary.json"  # a failed or interrupted record: the run is going on, so it no longer is
-            if dist.is_main and stale.is_file() and json.loads(stale.read_text()).get("status") in ("failed",
-                                                                                                   "interrupted"):
-                stale.unlink()
+            # a failed or interrupted record no longer describes the run once it goes on
+            stale = run_dir / "summary.json"
+            if dist.is_main and stale.is_file():
+                if json.loads(stale.read_text()).get("status") in ("failed", "interrupted"):
+                    stale.unlink()
         elif dist.is_main:
             trainer.write_config()
         trainer.fit(stop_after_epoch=args.stop_after)
@@ -395,10 +396,10 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the last finished epoch is in last.pt; say how to go on, not a traceback
         if dist.is_main:
-            where = run_dir and Path(run_dir)
-            print("\ninterrupted" + (f"; continue with python -m train.run {args.model} --resume {where}"
-                                      if where is not None and (where / "last.pt").is_file() else
-                                      " before the first epoch ended: nothing to resume"), file=sys.stderr)
+            resumable = run_dir is not None and (Path(run_dir) / "last.pt").is_file()
+            print("\ninterrupted" + (f"; continue with python -m train.run {args.model} --resume {run_dir}"
+                                      if resumable else " before the first epoch ended: nothing to resume"),
+                  file=sys.stderr)
         return 130
     finally:
         teardown(dist)
