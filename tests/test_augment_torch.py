@@ -7,7 +7,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from train import augment_torch
+from train.augment import torch_backend
 from train.augment import AugParams, GpuAugment
 
 TV_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
@@ -84,10 +84,10 @@ def test_no_host_wait_and_a_fixed_op_count(batch):
 def test_device_part_has_no_float64_and_no_host_data():
     aug = _augment()
     images = _images(16)
-    packed = augment_torch.pack_params(aug.sample(16), aug.size, aug.stored_size)
-    assert packed.dtype == torch.float32 and packed.shape == (16, augment_torch.PACKED_COLUMNS)
+    packed = torch_backend.pack_params(aug.sample(16), aug.size, aug.stored_size)
+    assert packed.dtype == torch.float32 and packed.shape == (16, torch_backend.PACKED_COLUMNS)
     with RecordOps() as rec:
-        augment_torch.apply_packed(images, packed, aug.size, aug.scale, aug.shift, aug.gray_weights)
+        torch_backend.apply_packed(images, packed, aug.size, aug.scale, aug.shift, aug.gray_weights)
     assert torch.float64 not in rec.output_dtypes, rec.output_dtypes
     # no tensor made from Python data on the device side: on CUDA each would be a blocking pageable copy
     assert not {"lift_fresh", "lift_fresh_copy", "scalar_tensor"} & set(rec.ops), rec.ops
@@ -97,7 +97,7 @@ def test_warp_is_closed_form_and_matches_the_pixel_maps():
     """The normalised matrix in the packed table is the OpenCV backend's pixel map, rescaled: no inverse taken."""
     aug = _augment()
     p = aug.sample(32, torch.Generator().manual_seed(1))
-    theta = augment_torch.pack_params(p, aug.size, aug.stored_size)[:, augment_torch.WARP_COLUMNS].view(-1, 2, 3)
+    theta = torch_backend.pack_params(p, aug.size, aug.stored_size)[:, torch_backend.WARP_COLUMNS].view(-1, 2, 3)
     pixel = torch.from_numpy(aug.warp_matrices(p))  # output pixel -> stored pixel
     c_o, c_s = (aug.size - 1) / 2, (aug.stored_size - 1) / 2
     for u in [(-1.0, -1.0), (1.0, 0.25), (0.3, 1.0)]:

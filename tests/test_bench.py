@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pipeline import bench as pipeline_bench
-from train import bench as train_bench
-from train import bench_gpu
+from train.bench import __main__ as train_bench
+from train.bench import gpu as bench_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 

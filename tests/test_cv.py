@@ -13,10 +13,10 @@ from pipeline.build import BuildOptions, build
 from pipeline.config import PreprocessConfig
 from pipeline.demo import ensure_demo_source
 from pipeline.store import CacheReader
-from train import checkpoint as ckpt
+from train.engine import checkpoint as ckpt
 from train.compare import main as compare_main
 from train.cv import main as cv_main
-from train.folds import CV_SPLITS, make_folds
+from train.data.folds import CV_SPLITS, make_folds
 
 ROOT = Path(__file__).resolve().parents[1]
 CV_ARGS = ["--folds", "3", "--stages", "16:2", "--batch-size", "16", "--device", "cpu", "--no-progress"]

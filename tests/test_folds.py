@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from train.folds import FoldError, kaggle_folds, patient_folds
+from train.data.folds import FoldError, kaggle_folds, patient_folds
 
 
 def _rows(per_patient: dict[str, tuple[int, int]]):

@@ -9,7 +9,7 @@ import torch
 from pipeline import store
 from pipeline.build import BuildOptions, build
 from pipeline.config import PreprocessConfig
-from train.loader import CacheLoader
+from train.data.loader import CacheLoader
 from tests.conftest import patient_folders
 
 SIZE = 16
@@ -156,7 +156,7 @@ def test_cuda_batches_are_on_the_device(cache_dir, mode):
 def test_the_benchmarks_training_steps_run(cache_dir):
     """The benchmark's training-step timing (used on CUDA) runs end to end; here on the CPU, one model."""
     from train.augment import GpuAugment
-    from train.bench_loader import time_training
+    from train.bench.loader import time_training
     loader = CacheLoader(cache_dir, SIZE, "train", 8, train=True)
     augment = GpuAugment.from_manifest(store.read_manifest(cache_dir), SIZE).train()
     # more steps than an epoch has batches: the fed loop must go on into the next epoch

@@ -7,10 +7,10 @@ from models import build_model
 from pipeline import store
 from tests.test_loader import SIZE, cache_dir  # noqa: F401 (fixture)
 from train.augment import GpuAugment
-from train.distributed import Dist
-from train.loader import CacheLoader
-from train.loop import Precision, predict, train_one_epoch
-from train.timing import EpochTimer
+from train.engine.distributed import Dist
+from train.data.loader import CacheLoader
+from train.engine.loop import Precision, predict, train_one_epoch
+from train.engine.timing import EpochTimer
 
 CPU = torch.device("cpu")
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from train.loop import loss_and_acc
-from train.metrics import classification_report, confusion_matrix
+from train.engine.loop import loss_and_acc
+from train.evaluation.metrics import classification_report, confusion_matrix
 
 
 def test_metrics_against_hand_computed_values():
@@ -33,7 +33,7 @@ def test_loss_and_accuracy_from_probabilities():
 
 
 def test_patient_table_and_summary_against_hand_counts():
-    from train.metrics import patient_summary, patient_table
+    from train.evaluation.metrics import patient_summary, patient_table
     patients = ["P2", "P1", "P1", "P2", "P2", "H3", "H3"]
     labels = [1, 1, 1, 1, 1, 0, 0]
     probs = [0.9, 0.2, 0.7, 0.4, 0.8, 0.1, 0.6]  # P1: 1 of 2 right, P2: 2 of 3, H3: 1 of 2

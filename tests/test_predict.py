@@ -14,7 +14,7 @@ from pipeline import parallel
 from pipeline.build import BuildOptions, build
 from pipeline.config import PreprocessConfig
 from pipeline.store import CacheReader
-from train import predict as predict_mod
+from train.evaluation import predictor as predict_mod
 from train.predict import main
 from train.run import main as run_main
 from tests.conftest import REAL_SAMPLE, patient_folders, synthetic_cell

@@ -8,7 +8,8 @@ import pytest
 from pipeline.build import BuildOptions, build
 from pipeline.config import PreprocessConfig
 from tests.conftest import REAL_SAMPLE, patient_folders
-from train.preview import CELL_IN, COLUMNS, DPI, main, preview
+from train.augment.preview import CELL_IN, COLUMNS, DPI, preview
+from train.preview import main
 
 
 def _check_png(path: Path, rows: int) -> np.ndarray:

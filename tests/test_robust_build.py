@@ -72,7 +72,7 @@ def cache(kaggle_source, tmp_path) -> Path:
 @pytest.mark.parametrize("when", ["made", "read"])
 @pytest.mark.parametrize("mode", ["resident", "streaming"])
 def test_training_reads_stop_at_a_flipped_image_byte_naming_the_shard(cache, mode, when):
-    from train.loader import CacheLoader
+    from train.data.loader import CacheLoader
     shard = cache / "16" / "train-00001.h5"
     with pytest.raises(store.CacheError) as err:
         if when == "made":
@@ -103,7 +103,7 @@ def test_flipped_labels_and_damaged_headers_and_deleted_shards_give_the_same_nam
 
 
 def test_each_shard_is_hashed_once_per_process(cache, monkeypatch):
-    from train.loader import CacheLoader
+    from train.data.loader import CacheLoader
     calls = []
     real = store.sha256_file
     monkeypatch.setattr(store, "sha256_file", lambda path, *a: calls.append(Path(path).name) or real(path, *a))

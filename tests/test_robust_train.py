@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 import torch
 
-from train import checkpoint as ckpt
+from train.engine import checkpoint as ckpt
 from train.compare import main as compare_main
-from train.run import find_cache, main
+from train.experiment.session import find_cache
+from train.run import main
 from tests.test_train import ROOT, cache, common  # noqa: F401 (fixture)
 
 STAGES = ["--stages", "16:3", "24:2", "--seed", "1"]

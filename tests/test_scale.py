@@ -13,8 +13,8 @@ from pipeline import store
 from pipeline.build import BuildOptions, build
 from pipeline.config import PreprocessConfig
 from pipeline.demo import write_synthetic_source
-from train.bench_scale import measure_loader
-from train.evaluate import evaluate_run
+from train.bench.scale import measure_loader
+from train.evaluation.evaluator import evaluate_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.test_loader import MODES, SIZE, _open_h5, cache_dir, collect  # noqa: F401 (fixture)
-from train.loader import STAGING_BUFFERS, CacheLoader
-from train.staging import Staging
+from train.data.loader import STAGING_BUFFERS, CacheLoader
+from train.data.staging import Staging
 
 
 def _staged(loader: CacheLoader) -> CacheLoader:

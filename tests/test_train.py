@@ -12,12 +12,13 @@ import torch
 
 from pipeline.build import BuildOptions, build
 from pipeline.config import PreprocessConfig
-from train import checkpoint as ckpt
-from train import trainer as trainer_mod
+from train.engine import checkpoint as ckpt
+from train.engine import trainer as trainer_mod
 from train.compare import main as compare_main
-from train.config import Stage, TrainConfig
-from train.evaluate import evaluate_run
-from train.run import RunError, check_cpu_recipe, main
+from train.engine.config import Stage, TrainConfig
+from train.evaluation.evaluator import evaluate_run
+from train.experiment.session import RunError, check_cpu_recipe
+from train.run import main
 from tests.conftest import REAL_SAMPLE, patient_folders
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,7 +237,7 @@ def test_compiled_progressive_resizing_traces_one_static_graph_per_stage(cache, 
 
 def test_evaluation_reports_patients_and_keeps_tta_beside_plain(cache, tmp_path, capsys):
     from train.evaluate import main as evaluate_main
-    from train.metrics import patient_table
+    from train.evaluation.metrics import patient_table
     run_dir = run(["resnet18", "--stages", "16:1"] + common(cache, tmp_path), capsys)
     plain = json.loads((run_dir / "summary.json").read_text())
     assert plain["tta"] is None
@@ -272,9 +273,9 @@ def test_evaluation_reports_patients_and_keeps_tta_beside_plain(cache, tmp_path,
     # the TTA column is the mean over the 8 views of best.pt's softmax, computed here independently
     from pipeline import store
     from train.augment import GpuAugment
-    from train.loader import CacheLoader
-    from train.loop import Precision
-    from train.tta import tta_probs
+    from train.data.loader import CacheLoader
+    from train.engine.loop import Precision
+    from train.evaluation.tta import tta_probs
     model = build_model("resnet18")
     model.load_state_dict(ckpt.load(run_dir / "best.pt")["model"])
     model.eval()

@@ -15,17 +15,18 @@ from pipeline.store import CacheReader
 from tests.test_loader import SIZE, cache_dir  # noqa: F401 (fixture)
 from tests.test_loop import CountReads
 from tests.test_train import cache, common  # noqa: F401 (fixture)
-from train import checkpoint as ckpt
-from train import loop as loop_mod
-from train import trainer as trainer_mod
+from train.engine import checkpoint as ckpt
+from train.engine import loop as loop_mod
+from train.engine import trainer as trainer_mod
 from train.augment import GpuAugment
-from train.config import RECIPES, Stage, TrainConfig
-from train.distributed import Dist
-from train.ema import ModelEma
-from train.loader import CacheLoader
-from train.loop import Precision, loss_and_acc, predict, train_one_epoch, train_step
-from train.optim import Schedule, build_optimizer, param_groups, set_lr
-from train.run import main, parse_args, resolve_config
+from train.engine.config import RECIPES, Stage, TrainConfig
+from train.engine.distributed import Dist
+from train.engine.ema import ModelEma
+from train.data.loader import CacheLoader
+from train.engine.loop import Precision, loss_and_acc, predict, train_one_epoch, train_step
+from train.engine.optim import Schedule, build_optimizer, param_groups, set_lr
+from train.experiment.session import parse_args, resolve_config
+from train.run import main
 
 CPU = torch.device("cpu")
 TRAINING_COLUMNS = ["epoch", "stage", "size", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc"]

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from train.loop import Precision
-from train.tta import dihedral_views, tta_probs
+from train.engine.loop import Precision
+from train.evaluation.tta import dihedral_views, tta_probs
 
 CPU = torch.device("cpu")
 
@@ -109,8 +109,8 @@ def test_a_model_without_the_symmetry_gives_other_probabilities():
 
 def test_the_wrapped_model_gives_the_tta_mean_through_a_softmax():
     """DihedralTTA (what train.evaluate --tta runs through predict) equals tta_probs after predict's softmax."""
-    from train.loop import Precision
-    from train.tta import DihedralTTA, tta_probs
+    from train.engine.loop import Precision
+    from train.evaluation.tta import DihedralTTA, tta_probs
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2)).eval()
     x = torch.randn(5, 3, 8, 8)

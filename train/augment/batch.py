@@ -11,9 +11,9 @@ centre crop fold into one affine matrix per image and one bilinear warp for the 
 Parameters are drawn on the CPU (`sample`), so a seed means the same on every device, and `apply` replays them
 exactly with one of two backends, both held to the same parity test against the report's CPU path
 (tests/test_augment.py):
-- "torch" (train/augment_torch.py): batched torch/Kornia ops on any device, the same ops for every sample, no op
+- "torch" (train/torch_backend.py): batched torch/Kornia ops on any device, the same ops for every sample, no op
   that makes the host wait; its device part compiles with fullgraph=True (`GpuAugment.compile`).
-- "opencv" (train/augment_cv.py): per image on uint8 in a thread pool, for CPU tensors. On the 2-core dev machine
+- "opencv" (train/augment/opencv_backend.py): per image on uint8 in a thread pool, for CPU tensors. On the 2-core dev machine
   it costs ~1 ms/img per thread at 224 px, several times less than the torch backend on the same CPU (README).
 "auto" picks opencv for CPU tensors and torch for any other device.
 """
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from train import augment_torch
-from train.augment_cv import OpenCvBackend
+from train.augment import torch_backend
+from train.augment.opencv_backend import OpenCvBackend
 
 # 0=brightness, 1=contrast, 2=saturation, 3=hue, as in torchvision's ColorJitter.get_params
 OPS = ("brightness", "contrast", "saturation", "hue")
@@ -94,11 +94,11 @@ class GpuAugment(nn.Module):
         # normalisation as one multiply-add: x * scale + shift
         self.register_buffer("scale", 1 / std, persistent=False)
         self.register_buffer("shift", -mean / std, persistent=False)
-        self.register_buffer("gray_weights", torch.tensor(augment_torch.GRAY_WEIGHTS).view(1, 3, 1, 1),
+        self.register_buffer("gray_weights", torch.tensor(torch_backend.GRAY_WEIGHTS).view(1, 3, 1, 1),
                              persistent=False)
         self.cpu_threads = cpu_threads or max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
         self._opencv = OpenCvBackend(size, self.cpu_threads)
-        self._torch_apply = augment_torch.apply_packed  # replaced by its compiled form in compile()
+        self._torch_apply = torch_backend.apply_packed  # replaced by its compiled form in compile()
 
     @classmethod
     def from_manifest(cls, manifest: dict, size: int, config: AugConfig = AugConfig(), **kwargs) -> "GpuAugment":
@@ -131,7 +131,7 @@ class GpuAugment(nn.Module):
         leaves `forward` as it is; the OpenCV backend and eval mode are not affected.
         """
         # static shapes, as the trainer's model (train/trainer.py, COMPILE_OPTIONS): one graph per stage size
-        self._torch_apply = torch.compile(augment_torch.apply_packed,
+        self._torch_apply = torch.compile(torch_backend.apply_packed,
                                           **{"fullgraph": True, "dynamic": False, **kwargs})
         return self
 
@@ -177,7 +177,7 @@ class GpuAugment(nn.Module):
                 raise ValueError(f"backend 'opencv' takes CPU tensors, got a batch on {images.device}; use "
                                  f"backend='torch' or 'auto'")
             return self._apply_opencv(images, params)
-        packed = augment_torch.to_device(augment_torch.pack_params(params, self.size, self.stored_size),
+        packed = torch_backend.to_device(torch_backend.pack_params(params, self.size, self.stored_size),
                                          images.device)
         return self._torch_apply(images, packed, self.size, self.scale, self.shift, self.gray_weights)
 

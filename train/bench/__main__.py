@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     logging.getLogger("pipeline.split").setLevel(logging.ERROR)
     code = 0
     if args.command == "loader":
-        from train import bench_loader
+        from train.bench import loader as bench_loader
         if _cuda_missing(args.device):
             return 2
         try:
@@ -91,14 +91,14 @@ def main(argv=None) -> int:
             return 2
         print(bench_loader.report(result))
     elif args.command == "scale":
-        from train import bench_scale
+        from train.bench import scale as bench_scale
         result = bench_scale.run(counts=args.counts, size=args.size, image_px=args.image_px,
                                  budget_bytes=args.budget_mib * 2**20, work_dir=args.work_dir, plot=args.plot,
                                  progress=args.progress)
         print(bench_scale.report(result))
         print(args.plot)
     else:
-        from train import bench_gpu
+        from train.bench import gpu as bench_gpu
         if _cuda_missing(args.device):
             return 2
         def on_stage(partial: dict) -> None:

@@ -5,12 +5,12 @@
    compiled, on a resident uint8 channels_last batch;
 3. the cached loader's images/s resident on the device, resident in host memory, and streaming;
 4. ResNet18/50/152 training steps (AMP, channels_last, 224 px, batch 64) on a resident synthetic batch and fed by the
-   loader + augmentation, and the data share 1 - fed / resident (train/bench_loader.py's `time_training`);
+   loader + augmentation, and the data share 1 - fed / resident (train/bench/loader.py's `time_training`);
 5. a two-stage demo run with --compile in a subprocess, and its metrics.csv and summary.json figures.
 
 Every part, and every row within one, is recorded whether or not the others fail: a failure keeps its error text in
 the result and the table, and `ok` is False. `--device cpu --quick` runs the same wiring at tiny sizes on a CPU.
-The markdown tables come from `report` (train/bench_gpu_report.py).
+The markdown tables come from `report` (train/bench/gpu_report.py).
 """
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ from pipeline.config import PreprocessConfig
 from pipeline.progress import progress_bar
 from pipeline.store import CacheReader
 from train.augment import GpuAugment
-from train.bench_gpu_report import report  # noqa: F401  (the CLI prints train.bench_gpu.report(result))
-from train.bench_loader import sync, time_augment, time_cached, time_training
-from train.loader import CacheLoader
+from train.bench.gpu_report import report  # noqa: F401  (the CLI prints train.bench.gpu.report(result))
+from train.bench.loader import sync, time_augment, time_cached, time_training
+from train.data.loader import CacheLoader
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]

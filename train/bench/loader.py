@@ -6,7 +6,7 @@ With CUDA it also times ResNet18/50/152 training steps (AMP, channels_last), on 
 by (c), and the data share 1 - fed / resident (`time_training`).
 
 Every timed loop synchronises the device once before and once after, never per step: that is how training runs,
-and the timing helpers here are shared with the GPU check (train/bench_gpu.py).
+and the timing helpers here are shared with the GPU check (train/bench/gpu.py).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from pipeline.preprocess import enhance, read_bgr
 from pipeline.progress import progress_bar
 from pipeline.store import CacheReader
 from train.augment import GpuAugment
-from train.loader import CacheLoader
+from train.data.loader import CacheLoader
 
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def time_training(loader: CacheLoader, augment: GpuAugment, device: torch.device
     `resident_spread` = (slowest - fastest) / median resident round: a data share below it is within the noise.
     """
     from models import build_model
-    from train.loop import Precision, train_step
+    from train.engine.loop import Precision, train_step
     precision = Precision.for_device(device, amp=True)
     generator = torch.Generator().manual_seed(seed)
     batch_size, size = loader.batch_size, augment.size

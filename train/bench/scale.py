@@ -1,7 +1,7 @@
 """Scale benchmark (`python -m train.bench scale`): build seconds, cache bytes, loader images/s and peak RSS
 on generated data of growing size, each loader measurement in a fresh process so its peak RSS is its own.
 
-`python -m train.bench_scale --measure CACHE ...` is that child process (internal; run by `measure_loader`).
+`python -m train.bench.scale --measure CACHE ...` is that child process (internal; run by `measure_loader`).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def _rss_peak_bytes() -> int:
 def measure_loader(cache_dir: Path, size: int, mode: str, budget_bytes: int | None, batch_size: int = 64,
                    epochs: int = 1) -> dict:
     """In a child process: images/s over `epochs` training epochs, and peak RSS above the set-up baseline."""
-    cmd = [sys.executable, "-m", "train.bench_scale", "--measure", str(cache_dir), "--size", str(size),
+    cmd = [sys.executable, "-m", "train.bench.scale", "--measure", str(cache_dir), "--size", str(size),
            "--mode", mode, "--batch-size", str(batch_size), "--epochs", str(epochs)]
     if budget_bytes is not None:
         cmd += ["--budget", str(budget_bytes)]
@@ -67,7 +67,7 @@ def measure_loader(cache_dir: Path, size: int, mode: str, budget_bytes: int | No
 def _measure_main(args) -> None:
     import torch
 
-    from train.loader import CacheLoader
+    from train.data.loader import CacheLoader
     torch.set_num_threads(1)
     loader = CacheLoader(args.measure, args.size, "train", args.batch_size, train=True, mode=args.mode,
                          memory_budget_bytes=args.budget)
@@ -152,7 +152,7 @@ def report(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="python -m train.bench_scale",
+    p = argparse.ArgumentParser(prog="python -m train.bench.scale",
                                 description="internal: one loader measurement for `python -m train.bench scale`")
     p.add_argument("--measure", type=Path, required=True)
     p.add_argument("--size", type=int, required=True)

@@ -147,16 +147,3 @@ def make_folds(reader, size: int, folds: str | int, seed: int) -> list[dict]:
             record["seed"] = seed
         records.append(record)
     return records
-
-
-def run_loader(reader, config, size: int, split: str, batch_size: int, **kwargs):
-    """The loader of a run's `split` at `size`: the cache's own split, or for a cross-validation fold's run
-    (`config.fold`) its train or valid part of the cache's train + valid rows. The trainer and train.evaluate
-    both take their loaders from here, so a fold means the same rows in training and in its evaluation."""
-    from train.loader import CacheLoader  # here: folds are planned (train.cv) without the loader's torch work
-    fold = config.fold
-    if fold is None or split not in CV_SPLITS:
-        return CacheLoader(reader, size, split, batch_size, **kwargs)
-    train_rows, valid_rows = fold_rows(reader, size, fold)
-    return CacheLoader(reader, size, CV_SPLITS, batch_size, rows=train_rows if split == "train" else valid_rows,
-                       **kwargs)

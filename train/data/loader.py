@@ -39,8 +39,9 @@ import numpy as np
 import torch
 
 from pipeline.store import CacheReader
-from train.rows import Block, plan_blocks, select_rows, source_shards, split_names, window_selection
-from train.staging import Staging
+from train.data.folds import CV_SPLITS, fold_rows
+from train.data.rows import Block, plan_blocks, select_rows, source_shards, split_names, window_selection
+from train.data.staging import Staging
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "resident", "streaming")
@@ -390,3 +391,15 @@ class CacheLoader:
         finally:
             if f is not None:
                 f.close()
+
+
+def loader_for(reader: CacheReader, size: int, split: str, batch_size: int, fold: dict | None = None,
+               **kwargs) -> CacheLoader:
+    """The loader of a run's `split` at `size`: the cache's own split, or for a cross-validation fold (`fold`, the
+    run's `TrainConfig.fold`) its train or valid part of the cache's train + valid rows. The trainer and the
+    evaluation both take their loaders from here, so a fold means the same rows in training and in its evaluation."""
+    if fold is None or split not in CV_SPLITS:
+        return CacheLoader(reader, size, split, batch_size, **kwargs)
+    train_rows, valid_rows = fold_rows(reader, size, fold)
+    return CacheLoader(reader, size, CV_SPLITS, batch_size, rows=train_rows if split == "train" else valid_rows,
+                       **kwargs)

@@ -1,4 +1,5 @@
-"""DistributedDataParallel set-up from torchrun's environment, and the few collectives the loop needs."""
+"""Where a run computes: the --device flag resolved, DistributedDataParallel set-up from torchrun's environment, and the
+few collectives the loop needs."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+def resolve_device(name: str | None) -> str:
+    """`--device` as given (auto, cpu, cuda, cuda:N; None means auto) -> the device to use. ValueError naming the flag
+    when CUDA is asked for but absent, or the name is no device; every command resolves its flag here."""
+    name = "auto" if name is None else name
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    return name
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from train.augment import GpuAugment
-from train.distributed import Dist, all_sum, gather_rows
-from train.loader import CacheLoader
-from train.timing import EpochTimer
+from train.engine.distributed import Dist, all_sum, gather_rows
+from train.data.loader import CacheLoader
+from train.engine.timing import EpochTimer
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from train.config import TrainConfig
+from train.engine.config import TrainConfig
 
 
 def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:

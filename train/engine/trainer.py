@@ -29,14 +29,14 @@ import torch
 
 from models import build_model
 from pipeline.store import CacheReader
-from train import checkpoint as ckpt
+from train.engine import checkpoint as ckpt
 from train.augment import GpuAugment
-from train.config import TrainConfig
-from train.distributed import Dist
-from train.ema import ModelEma
-from train.folds import run_loader
-from train.loop import Precision, loss_and_acc, predict, train_one_epoch, train_step
-from train.optim import Schedule, build_optimizer, set_lr
+from train.engine.config import TrainConfig
+from train.engine.distributed import Dist
+from train.engine.ema import ModelEma
+from train.data.loader import loader_for
+from train.engine.loop import Precision, loss_and_acc, predict, train_one_epoch, train_step
+from train.engine.optim import Schedule, build_optimizer, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +153,8 @@ class Trainer:
             stage = self.config.stages[index]
             common = dict(device=self.device, rank=self.dist.rank, world_size=self.dist.world_size,
                           seed=self.config.seed)
-            train = run_loader(self.reader, self.config, stage.size, "train", stage.batch_size, train=True, **common)
-            valid = run_loader(self.reader, self.config, stage.size, "valid", stage.batch_size, **common)
+            train = loader_for(self.reader, stage.size, "train", stage.batch_size, self.config.fold, train=True, **common)
+            valid = loader_for(self.reader, stage.size, "valid", stage.batch_size, self.config.fold, **common)
             augment = GpuAugment.from_manifest(self.reader.manifest, stage.size).to(self.device)
             if self.config.compile:
                 augment.compile()  # the torch backend's device part; the OpenCV backend (CPU) is not compiled

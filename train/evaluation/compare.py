@@ -1,18 +1,17 @@
-"""`python -m train.compare RUN_DIR|CV_DIR... [--out compare.png]`: the runs' valid-accuracy curves in one figure and
-a markdown table (model, best valid acc, test acc, test F1, seconds per epoch), as the report compared its models.
+"""Runs side by side, as the report compared its models: a markdown table (model, best valid acc, test acc, test F1,
+seconds per epoch) and the valid-accuracy curves in one figure (`python -m train.compare`).
 
 A cross-validation folder (train.cv, with cv_summary.json) is one row of mean +- standard deviation over its folds,
 and one curve: the folds' mean valid accuracy per epoch."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from train.report import plot_compare
+from train.evaluation.report import plot_compare
 
 
 def _fmt(value, digits=4) -> str:
@@ -87,25 +86,3 @@ def compare(run_dirs: list[Path], out: Path) -> str:
     header = ["| model | run | best valid acc | test acc | test F1 (weighted) | s/epoch |",
               "|---|---|---|---|---|---|"]
     return "\n".join(header + rows)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR|CV_DIR",
-                   help="run folders (train.run) and cross-validation folders (train.cv)")
-    p.add_argument("--out", type=Path, default=Path("compare.png"),
-                   help="figure of the valid-accuracy curves (default: compare.png; replaced if it exists)")
-    args = p.parse_args(argv)
-    try:
-        table = compare(args.runs, args.out)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(table)
-    print(args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

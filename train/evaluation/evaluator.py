@@ -1,14 +1,11 @@
-"""`python -m train.evaluate RUN_DIR [--split test]`: metrics, confusion matrices, curves, predictions, summary.
-
-Runs at the end of every training run too. Loads the run's best.pt (weights_only) at the size it was trained at.
-"""
+"""A run's evaluation: metrics, confusion matrices, curves, predictions, per-patient tables and summary.json of one
+checkpoint (best.pt by default, loaded weights_only) at the size it was trained at. `train.evaluate` calls it, and so
+does the end of every training run."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -16,15 +13,15 @@ import torch
 
 from models import build_model
 from pipeline.store import MANIFEST, CacheReader
-from train import checkpoint as ckpt
+from train.engine import checkpoint as ckpt
 from train.augment import GpuAugment
-from train.config import TrainConfig
-from train.distributed import Dist, setup, teardown
-from train.loop import Precision, predict
-from train.folds import run_loader
-from train.metrics import classification_report, patient_summary, patient_table
-from train.report import plot_confusion, plot_curves, split_result_lines, write_predictions, write_table
-from train.tta import DihedralTTA
+from train.engine.config import TrainConfig
+from train.engine.distributed import Dist
+from train.engine.loop import Precision, predict
+from train.data.loader import loader_for
+from train.evaluation.metrics import classification_report, patient_summary, patient_table
+from train.evaluation.report import plot_confusion, plot_curves, split_result_lines, write_predictions, write_table
+from train.evaluation.tta import DihedralTTA
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +82,7 @@ def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = N
         if split not in reader.manifest["splits"]:
             log.info("no %s split in the cache; skipped", split)
             continue
-        loader = run_loader(reader, config, stage.size, split, batch_size or stage.batch_size, device=dev,
+        loader = loader_for(reader, stage.size, split, batch_size or stage.batch_size, config.fold, device=dev,
                             rank=dist.rank, world_size=dist.world_size)
         probs, labels = predict(model, loader, augment, precision, dev, dist)
         labelled = bool(len(labels)) and bool((labels >= 0).all())
@@ -156,40 +153,3 @@ def _tta_summary(results: dict) -> dict:
     valid, test = results.get("valid"), results.get("test")
     return {"valid_acc": valid["accuracy"] if valid else None, "test_acc": test["accuracy"] if test else None,
             "test_f1_weighted": test["f1_weighted"] if test else None, "splits": results}
-
-
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--split", nargs="+", help="splits to evaluate (default: valid and test, those the cache has)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: the run's)")
-    p.add_argument("--checkpoint", default="best.pt", help="best.pt or last.pt")
-    p.add_argument("--tta", action="store_true",
-                   help="also evaluate the mean softmax over the 8 dihedral views (flips and 90-degree rotations) of "
-                        "the centre crop; summary.json keeps the plain and TTA figures side by side")
-    args = p.parse_args(argv)
-    device = args.device
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dist = setup(torch.device(device).type)
-    try:
-        summary = evaluate_run(args.run_dir, tuple(args.split or ("valid", "test")), device, dist,
-                               checkpoint=args.checkpoint, tta=args.tta, strict=args.split is not None)
-    except (FileNotFoundError, ckpt.CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        teardown(dist)
-    if dist.is_main:
-        for split, report in summary["splits"].items():
-            if report is not None:
-                print(f"{split}: " + ", ".join(f"{name} precision {v['precision']:.4f} recall {v['recall']:.4f}"
-                                               for name, v in report["per_class"].items()))
-        print("\n".join(split_result_lines(summary)))
-        print(args.run_dir)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,27 +1,14 @@
-"""`python -m train.predict RUN_DIR INPUT...`: predict new cell images with a trained run, as its cache saw them.
+"""New cell images through a trained run, as its cache saw them (`python -m train.predict`).
 
-    python -m train.predict runs/resnet18-20261126-084724 new_cells/            every image under a folder
-    python -m train.predict RUN_DIR /data/C-NMC_Leukemia --tta --out cnmc.csv     a source layout: labels, patients
-    python -m train.predict RUN_DIR a.bmp b.png --checkpoint last.pt --on-error skip
-
-INPUT: image files; folders, searched recursively for .bmp .png .jpg .jpeg .tif .tiff (any case; links to folders
-are not followed); or a source folder that `pipeline.build` recognises (Kaggle, CSV lists, labels.csv, all/ + hem/),
-whose images, labels and patients are used. Each image goes through the build's own preprocessing with the
-parameters saved in the run's config.json (the cache folder may be gone), then the evaluation's centre crop and
-normalisation, at the size the checkpoint was trained at.
-Writes --out (default predictions.csv): path, patient, prob_all, predicted_label (1 = all) and, where a source gave
-labels, label; beside it <stem>_patients.csv (patient, cells, predicted_all_share, mean_prob_all) when a patient id
-is known, and <stem>_skipped.csv (path, reason) for images left out with --on-error skip. An existing file is never
-replaced. The last line printed is the predictions CSV.
-"""
+Each image goes through the build's own preprocessing with the parameters saved in the run's config.json (the cache
+folder may be gone), then the evaluation's centre crop and normalisation, at the size the checkpoint was trained at;
+the per-image and per-patient tables are written atomically, never over an earlier file."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,15 +19,15 @@ import torch
 from models import build_model
 from pipeline import parallel, sources, store
 from pipeline.config import PreprocessConfig
-from pipeline.progress import add_progress_flags, progress_bar
+from pipeline.progress import progress_bar
 from pipeline.sources import IMAGE_SUFFIXES, ON_ERROR, UNKNOWN_LABEL, UNKNOWN_PATIENT, patient_of, printable
-from train import checkpoint as ckpt
-from train import metrics
+from train.engine import checkpoint as ckpt
+from train.evaluation import metrics
 from train.augment import AugConfig, GpuAugment
-from train.config import TrainConfig
-from train.loop import Precision
-from train.trainer import preprocess_record
-from train.tta import VIEWS, tta_probs
+from train.engine.config import TrainConfig
+from train.engine.loop import Precision
+from train.engine.trainer import preprocess_record
+from train.evaluation.tta import VIEWS, tta_probs
 
 log = logging.getLogger(__name__)
 THRESHOLD = 0.5  # prob_all at or above it: predicted_label 1 (all), as train/report.py's write_predictions
@@ -274,14 +261,6 @@ def companions(out: Path) -> tuple[Path, Path]:
     return out.with_name(f"{out.stem}_patients.csv"), out.with_name(f"{out.stem}_skipped.csv")
 
 
-def _out_file(text: str) -> Path:
-    """--out names a file: `dir/` or an existing folder would otherwise become a file named like the folder."""
-    if text.endswith(("/", os.sep)) or Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder; --out takes a CSV file name, e.g. "
-                                         f"{Path(text) / 'predictions.csv'}")
-    return Path(text)
-
-
 def check_out(out: Path) -> None:
     """PredictError unless every file this command may write is new and its folder writable (checked before any
     image is read, so no work is lost to it)."""
@@ -343,89 +322,3 @@ def write_outputs(files: list[tuple[Path, pd.DataFrame]]) -> None:
     finally:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("run_dir", type=Path, help="a run folder made by python -m train.run")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or source folders")
-    p.add_argument("--checkpoint", default="best.pt", help="checkpoint file in the run folder (best.pt or last.pt)")
-    p.add_argument("--out", type=_out_file, default=Path("predictions.csv"), help="predictions CSV (must not exist)")
-    p.add_argument("--batch-size", type=int, help="images per forward pass (default: the checkpoint stage's; with "
-                                                  "--tta an eighth of it, as each image becomes 8 views)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--tta", action="store_true", help="average over the 8 flips and quarter turns of each image")
-    p.add_argument("--on-error", choices=ON_ERROR, default="fail",
-                   help="an unusable image stops the command (fail) or is left out and listed (skip)")
-    add_progress_flags(p)
-    return p
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.split(":")[0] not in ("cpu", "cuda"):
-        raise PredictError(f"--device must be auto, cpu or cuda, got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PredictError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
-    return name
-
-
-def _report(predictor: Predictor, table: pd.DataFrame, patients: pd.DataFrame, skipped: list[dict], tta: bool,
-            checkpoint: str, files: dict) -> None:
-    c = predictor.config
-    n_all = int(table["predicted_label"].sum())
-    print(f"predicted {len(table)} images with {c.model} {checkpoint} (epoch {predictor.epoch}, {predictor.size} px)"
-          f"{', 8-view TTA' if tta else ''}: {n_all} all, {len(table) - n_all} hem")
-    if "label" in table:
-        known = table[table["label"] >= 0]
-        print(f"accuracy {(known['label'] == known['predicted_label']).mean():.4f} on {len(known)} labelled images")
-    if skipped:
-        print(f"skipped {len(skipped)} unusable images (listed in {files['skipped']}):", file=sys.stderr)
-        for s in skipped:
-            print(f"  {s['path']}: {s['reason']}", file=sys.stderr)
-    if len(patients):
-        print(f"patients ({files['patients']}):")
-        print(patients.to_string(index=False))
-        unknown = int((table["patient"] == UNKNOWN_PATIENT).sum())
-        if unknown:
-            print(f"({unknown} images without a patient id are not in the patients table)")
-
-
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
-    try:
-        if args.batch_size is not None and args.batch_size < 1:
-            raise PredictError(f"--batch-size must be >= 1, got {args.batch_size}")
-        device = _device(args.device)
-        check_out(args.out)
-        predictor = load_predictor(args.run_dir, args.checkpoint, device)
-        batch_size = args.batch_size or (max(1, predictor.batch_size // VIEWS) if args.tta else predictor.batch_size)
-        entries, skipped = gather(args.inputs, args.on_error)
-        kept, probs, bad = predict_images(predictor, entries, batch_size, args.tta, args.on_error, args.progress)
-        skipped += bad
-        if not kept:
-            raise PredictError(f"no usable image: all {len(skipped)} were left out ({skipped[0]['path']}: "
-                               f"{skipped[0]['reason']}; ...); nothing was written")
-        table = prediction_table(kept, probs)
-        patients = patient_table(kept, probs)
-        patients_path, skipped_path = companions(args.out)
-        files = [(patients_path, patients)] if len(patients) else []
-        files += [(skipped_path, pd.DataFrame(skipped, columns=["path", "reason"]))] if skipped else []
-        write_outputs(files + [(args.out, table)])
-    except ValueError as err:  # PredictError, SourceError, CheckpointError, CacheError; a size not in the record
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    _report(predictor, table, patients, skipped, args.tta, args.checkpoint,
-            {"patients": patients_path, "skipped": skipped_path})
-    print(args.out.resolve())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

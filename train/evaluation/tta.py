@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from train.loop import Precision
+    from train.engine.loop import Precision
 
 VIEWS = 8
 

@@ -1,18 +1,12 @@
-"""`python -m train.run MODEL`: train ResNet18/50/152 from the cache with the report's recipe, then evaluate.
-
-    python -m train.run resnet18 --stages 64:2 96:1           a short run
-    python -m train.run resnet152                             the report's recipe (128:550 then 224:100:32)
-    python -m train.run resnet50 --stages 128:40 224:10 --recipe modern   today's usual options (--recipe)
-    torchrun --nproc_per_node 4 -m train.run resnet50         DistributedDataParallel, one process per GPU
-The last line printed is the run folder.
-"""
+"""A training run from the command line's arguments to its result: the resolved config (recipe, options, cache),
+the run folder, resume checks, training then evaluation, and the marks a failed or interrupted run leaves.
+`train.run` and `train.cv` share it."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import os
-import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -21,13 +15,12 @@ import torch
 from models import MODEL_NAMES, STEMS, ModelError
 from pipeline.progress import add_progress_flags, bars
 from pipeline.store import MANIFEST, CacheError, read_manifest
-from train import checkpoint as ckpt
-from train.config import (MODERN_ADAMW, OPTIMIZERS, PRESETS, RECIPES, SCHEDULES, Stage, TrainConfig, check_choices,
+from train.engine import checkpoint as ckpt
+from train.engine.config import (MODERN_ADAMW, OPTIMIZERS, PRESETS, RECIPES, SCHEDULES, Stage, TrainConfig, check_choices,
                           check_numbers, parse_lr_drop, parse_stages)
-from train.distributed import Dist, broadcast_object, setup, teardown
-from train.evaluate import evaluate_run, open_run_cache, read_run_config
-from train.report import result_line
-from train.trainer import Trainer, TrainingDiverged, estimate_seconds
+from train.engine.distributed import Dist, resolve_device
+from train.evaluation.evaluator import evaluate_run, open_run_cache, read_run_config
+from train.engine.trainer import Trainer, TrainingDiverged, estimate_seconds
 
 log = logging.getLogger(__name__)
 CPU_RECIPE_LIMIT_S = 3600  # a full recipe estimated past this on a CPU stops with a suggestion instead
@@ -71,9 +64,10 @@ def find_cache(cache_root: Path, sizes: list[int] | None) -> Path:
     return max(candidates)[1]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.run", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+def add_run_arguments(p: argparse.ArgumentParser, *, resume_metavar: str = "RUN_DIR",
+                      resume_help: str = "continue a stopped run where it stopped", stop_after: bool = True) -> None:
+    """Every train.run flag, on `p`; train.cv takes the same ones (its --resume names a CV folder, and a CV is
+    stopped by interrupting it, so its --stop-after is hidden and refused)."""
     p.add_argument("model", help=f"one of {', '.join(MODEL_NAMES)}")
     p.add_argument("--cache", type=Path, help="cache folder (default: newest under --cache-root with the sizes)")
     p.add_argument("--cache-root", type=Path, default=Path("cache"))
@@ -84,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder of run folders")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run where it stopped")
+    p.add_argument("--resume", type=Path, metavar=resume_metavar, help=resume_help)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision on CUDA (default on; bf16 where supported, else fp16 + grad scaler)")
     p.add_argument("--compile", action="store_true",
@@ -93,9 +87,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="seed: no max-pool after conv1, as the report's code")
     p.add_argument("--pretrained", type=Path, help="initial weights from a local file (head replaced)")
     p.add_argument("--stop-after", type=int, metavar="EPOCH",
-                   help="stop cleanly after this global epoch (1-based); continue later with --resume")
+                   help="stop cleanly after this global epoch (1-based); continue later with --resume" if stop_after
+                   else argparse.SUPPRESS)
     p.add_argument("--force", action="store_true", help="run a full recipe on a CPU even if it takes days")
     add_progress_flags(p)
+
+
+def build_parser(description: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
+    """train.run's parser (the command passes its docstring for --help)."""
+    p = argparse.ArgumentParser(prog="python -m train.run", description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(p)
     return p
 
 
@@ -162,8 +164,8 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
                         f"weights ({values('ema_warmup')})")
 
 
-def parse_args(argv):
-    parser = _parser()
+def parse_args(argv, description: str | None = None, epilog: str | None = None):
+    parser = build_parser(description, epilog)
     args = parser.parse_args(argv)
     if args.stop_after is not None and args.stop_after < 1:
         parser.error(f"--stop-after must be an epoch >= 1, got {args.stop_after}")  # exit 2, as every bad value
@@ -184,7 +186,7 @@ def _shown(flag: str, value, bare: bool = False) -> str:
 
 def resume_conflicts(args, config: TrainConfig) -> list[str]:
     """The flags given with --resume that would change the saved run, each with the value the run keeps."""
-    defaults = vars(_parser().parse_args([config.model]))
+    defaults = vars(build_parser().parse_args([config.model]))
     given = {k: v for k, v in vars(args).items()
              if k not in ("model", "resume", *RESUME_MAY_CHANGE) and v != defaults.get(k)}
     conflicts = [f"model {args.model} (the run trains {config.model})"] if args.model != config.model else []
@@ -270,11 +272,10 @@ def resolve_config(args) -> tuple[TrainConfig, bool]:
         raise RunError(f"--epochs must be >= 1, got {args.epochs}")
     if args.batch_size < 1:
         raise RunError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise RunError(str(err)) from None
     if args.stages:
         stages = parse_stages(args.stages, args.batch_size)
     elif args.epochs is not None:
@@ -335,12 +336,14 @@ def mark_unfinished(run_dir: Path, model: str, err: BaseException, epochs_done: 
     os.replace(tmp, run_dir / "summary.json")
 
 
-def train_and_evaluate(config: TrainConfig, run_dir: Path, dist: Dist, args) -> dict | None:
-    """Train (or resume) and evaluate; the final summary, or None when stopped early. A failure marks the run."""
+def train_and_evaluate(config: TrainConfig, run_dir: Path, dist: Dist, *, resume: bool = False,
+                       stop_after: int | None = None, progress: str = "auto") -> dict | None:
+    """Train (or, with `resume`, continue from last.pt) and evaluate; the final summary, or None when stopped early
+    (after global epoch `stop_after`, 1-based). A failure marks the run."""
     trainer = None
     try:
-        trainer = Trainer(config, run_dir, dist, progress=bars(args.progress))
-        if args.resume:
+        trainer = Trainer(config, run_dir, dist, progress=bars(progress))
+        if resume:
             trainer.resume()
             log.info("resuming %s after epoch %d", run_dir, trainer.state.epoch + 1)
             # a failed or interrupted record no longer describes the run once it goes on
@@ -350,7 +353,7 @@ def train_and_evaluate(config: TrainConfig, run_dir: Path, dist: Dist, args) -> 
                     stale.unlink()
         elif dist.is_main:
             trainer.write_config()
-        trainer.fit(stop_after_epoch=args.stop_after)
+        trainer.fit(stop_after_epoch=stop_after)
         if trainer.state.epoch + 1 >= config.total_epochs:
             return evaluate_run(run_dir, device=str(trainer.device), dist=dist)
         if dist.is_main:
@@ -363,52 +366,22 @@ def train_and_evaluate(config: TrainConfig, run_dir: Path, dist: Dist, args) -> 
         raise
 
 
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    dist = Dist()
-    summary = None  # the final evaluation's figures, when the run finishes
-    run_dir = None
-    try:
-        if args.resume:
-            config = read_run_config(args.resume)
-            run_dir = args.resume
-            if not (run_dir / "last.pt").is_file():
-                raise RunError(f"{run_dir}: no last.pt to resume from")
-            conflicts = resume_conflicts(args, config)
-            if conflicts:
-                raise RunError(f"--resume continues {run_dir} with its saved settings, but these flags would change "
-                               f"it: {'; '.join(conflicts)}. Drop them (with --resume only "
-                               f"{', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE)} may be given), "
-                               f"or start a new run")
-            open_run_cache(config, run_dir)
-        else:
-            config, full_recipe = resolve_config(args)
-            if full_recipe and config.device == "cpu" and not args.force:
-                check_cpu_recipe(config)
-        dist = setup(torch.device(config.device).type)
-        if not args.resume:
-            run_dir = broadcast_object(new_run_dir(args.out, config.model) if dist.is_main else None, dist)
-        summary = train_and_evaluate(config, Path(run_dir), dist, args)
-    except (RunError, ModelError, CacheError, ckpt.CheckpointError, ValueError, FileNotFoundError,
-            TrainingDiverged) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C: the last finished epoch is in last.pt; say how to go on, not a traceback
-        if dist.is_main:
-            resumable = run_dir is not None and (Path(run_dir) / "last.pt").is_file()
-            print("\ninterrupted" + (f"; continue with python -m train.run {args.model} --resume {run_dir}"
-                                      if resumable else " before the first epoch ended: nothing to resume"),
-                  file=sys.stderr)
-        return 130
-    finally:
-        teardown(dist)
-    if dist.is_main:
-        if summary:
-            print(result_line(summary))
-        print(Path(run_dir).resolve())
-    return 0
+def check_resume(args) -> TrainConfig:
+    """The saved config of `args.resume`, refused (RunError naming the flags) when a flag given would change it."""
+    config = read_run_config(args.resume)
+    run_dir = args.resume
+    if not (run_dir / "last.pt").is_file():
+        raise RunError(f"{run_dir}: no last.pt to resume from")
+    conflicts = resume_conflicts(args, config)
+    if conflicts:
+        raise RunError(f"--resume continues {run_dir} with its saved settings, but these flags would change "
+                       f"it: {'; '.join(conflicts)}. Drop them (with --resume only "
+                       f"{', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE)} may be given), "
+                       f"or start a new run")
+    open_run_cache(config, run_dir)
+    return config
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+# what train.run and train.cv turn into exit code 2 with the message: bad input, never a bug
+USER_ERRORS = (RunError, ModelError, CacheError, ckpt.CheckpointError, ValueError, FileNotFoundError,
+               TrainingDiverged)

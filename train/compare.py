@@ -1,0 +1,34 @@
+"""`python -m train.compare RUN_DIR|CV_DIR... [--out compare.png]`: the runs' valid-accuracy curves in one figure and
+a markdown table (model, best valid acc, test acc, test F1, seconds per epoch), as the report compared its models.
+
+A cross-validation folder (train.cv, with cv_summary.json) is one row of mean +- standard deviation over its folds,
+and one curve: the folds' mean valid accuracy per epoch."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from train.evaluation.compare import compare
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR|CV_DIR",
+                   help="run folders (train.run) and cross-validation folders (train.cv)")
+    p.add_argument("--out", type=Path, default=Path("compare.png"),
+                   help="figure of the valid-accuracy curves (default: compare.png; replaced if it exists)")
+    args = p.parse_args(argv)
+    try:
+        table = compare(args.runs, args.out)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(table)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
