@@ -6,6 +6,16 @@ from __future__ import annotations
 
 import numpy as np
 
+# prob_all at or above it: the image is called `all` (leukemic). Every table, CSV and ensemble calls images with it.
+THRESHOLD = 0.5
+# a patient is called `all` when at least this share of its cells is
+MAJORITY_SHARE = 0.5
+
+
+def predicted_labels(probs_all) -> np.ndarray:
+    """(N,) int64 calls, 1 = all, from (N,) probabilities of `all`."""
+    return (np.asarray(probs_all, np.float64) >= THRESHOLD).astype(np.int64)
+
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int = 2) -> np.ndarray:
     """(C, C) int64: rows are true classes, columns predicted classes."""
@@ -32,16 +42,16 @@ def classification_report(labels, preds, class_names=("hem", "all")) -> dict:
     }
 
 
-def patient_table(patients, probs_all, labels=None, threshold: float = 0.5):
+def patient_table(patients, probs_all, labels=None):
     """One row per patient (the clinical unit): `patient, label, cells, accuracy, predicted_all_share,
     mean_prob_all, predicted_label`, sorted by patient.
 
     `label` is the patient's true class when every one of its cells has the same known label (C-NMC: a patient is
     either leukemic or normal), else -1; `accuracy` is the share of its cells classified correctly (NaN without
-    labels). `predicted_label` is the patient-level call by majority of cells (predicted `all` share >= 0.5)."""
+    labels). `predicted_label` is the patient-level call by majority of cells (predicted `all` share >= MAJORITY_SHARE)."""
     import pandas as pd  # here, not at the top: the rest of this module is numpy only
     probs_all = np.asarray(probs_all, np.float64)
-    preds = (probs_all >= threshold).astype(np.int64)
+    preds = predicted_labels(probs_all)
     known = np.full(len(preds), -1, np.int64) if labels is None else np.asarray(labels, np.int64)
     frame = pd.DataFrame({"patient": np.asarray(patients, dtype=str), "label": known, "pred": preds,
                           "prob": probs_all})
@@ -54,7 +64,7 @@ def patient_table(patients, probs_all, labels=None, threshold: float = 0.5):
         "predicted_all_share": groups["pred"].mean(),
         "mean_prob_all": groups["prob"].mean(),
     }).reset_index()
-    table["predicted_label"] = (table["predicted_all_share"] >= 0.5).astype(np.int64)
+    table["predicted_label"] = (table["predicted_all_share"] >= MAJORITY_SHARE).astype(np.int64)
     return table[["patient", "label", "cells", "accuracy", "predicted_all_share", "mean_prob_all",
                   "predicted_label"]]
 

@@ -30,7 +30,6 @@ from train.engine.trainer import preprocess_record
 from train.evaluation.tta import VIEWS, tta_probs
 
 log = logging.getLogger(__name__)
-THRESHOLD = 0.5  # prob_all at or above it: predicted_label 1 (all), as train/report.py's write_predictions
 
 
 class PredictError(ValueError):
@@ -286,7 +285,7 @@ def prediction_table(entries: list[Entry], probs_all: np.ndarray) -> pd.DataFram
         "path": [e.path for e in entries],
         "patient": [e.patient for e in entries],
         "prob_all": np.round(probs_all, 6),
-        "predicted_label": (probs_all >= THRESHOLD).astype(int),
+        "predicted_label": metrics.predicted_labels(probs_all),
     })
     if any(e.label != UNKNOWN_LABEL for e in entries):
         table["label"] = [e.label for e in entries]  # -1 where the image had no label
@@ -297,8 +296,7 @@ def patient_table(entries: list[Entry], probs_all: np.ndarray) -> pd.DataFrame:
     """Per known patient: cells, the share predicted `all`, the mean probability of `all` (images without a
     patient id are not in it); the figures of train.evaluate's patients_<split>.csv, in natural patient order."""
     known = [i for i, e in enumerate(entries) if e.patient != UNKNOWN_PATIENT]
-    table = metrics.patient_table([entries[i].patient for i in known], np.asarray(probs_all)[known],
-                                  threshold=THRESHOLD)
+    table = metrics.patient_table([entries[i].patient for i in known], np.asarray(probs_all)[known])
     table = table[["patient", "cells", "predicted_all_share", "mean_prob_all"]].round(6)
     order = sorted(range(len(table)), key=lambda i: _natural(table["patient"].iloc[i]))
     return table.iloc[order].reset_index(drop=True)

@@ -11,6 +11,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from train.evaluation.metrics import predicted_labels  # noqa: E402
+
 CLASS_LABELS = ("hem (normal)", "all (leukemic)")
 
 
@@ -66,7 +68,7 @@ def write_predictions(paths, probs_all: np.ndarray, path: Path, patients=None, p
     table = pd.DataFrame({
         "image": [Path(p).name for p in paths],
         "path": list(paths),
-        "predicted_label": (np.asarray(probs_all) >= 0.5).astype(int),
+        "predicted_label": predicted_labels(probs_all),
         "prob_all": np.round(np.asarray(probs_all, np.float64), 6),
     })
     if patients is not None:
@@ -77,7 +79,7 @@ def write_predictions(paths, probs_all: np.ndarray, path: Path, patients=None, p
 
 
 def write_table(table: pd.DataFrame, path: Path) -> None:
-    """A per-patient table (train.metrics.patient_table) as CSV, shares and accuracies to 6 decimals."""
+    """A per-patient table (metrics.patient_table) as CSV, shares and accuracies to 6 decimals."""
     table.round(6).to_csv(path, index=False)
 
 

@@ -32,20 +32,27 @@ def tta_probs(model, x: torch.Tensor, precision: "Precision", device: torch.devi
     normalised batch x (B, C, S, S), on x's device. Nothing here waits for the device.
 
     One forward pass over the stacked (8B, C, S, S) batch rather than 8 passes of B: an eager ResNet step at eval
-    batch sizes is bound by kernel launches, not arithmetic (README, GPU check), so one pass costs 8x fewer launches.
+    batch sizes is bound by kernel launches, not arithmetic (the README's GPU check), so one pass costs 8x fewer launches.
     Its memory is that of an 8x larger eval batch (no autograd state is kept), so a caller that must stay within
     plain evaluation's memory passes B / 8 images (train.predict does by default)."""
-    b = x.shape[0]
-    views = precision.prepare(torch.cat(dihedral_views(x)))  # (8B, C, S, S), view-major
     with precision.autocast(device):
-        logits = model(views)
-    probs = torch.softmax(logits.float(), 1)  # (8B, classes) float32
-    return probs.view(VIEWS, b, -1).mean(0)
+        logits = model(precision.prepare(stacked_views(x)))
+    return mean_over_views(logits, x.shape[0])
+
+
+def stacked_views(x: torch.Tensor) -> torch.Tensor:
+    """(8B, C, S, S), view-major: one forward pass sees every view of every image."""
+    return torch.cat(dihedral_views(x))
+
+
+def mean_over_views(logits: torch.Tensor, b: int) -> torch.Tensor:
+    """(B, classes) float32: the softmax of (8B, classes) view-major logits, averaged over the 8 views."""
+    return torch.softmax(logits.float(), 1).view(VIEWS, b, -1).mean(0)
 
 
 class DihedralTTA(torch.nn.Module):
     """`model` behind the 8 dihedral views, for code that calls a model and takes the softmax of its output
-    (train.loop.predict, so train.evaluate --tta evaluates through the very path of plain evaluation). It returns
+    (the loop's `predict`, so train.evaluate --tta evaluates through the very path of plain evaluation). It returns
     log(mean softmax over the views), whose softmax is that mean again. Call it under the caller's autocast, like the
     model; one forward pass over the stacked (8B) batch, as `tta_probs`."""
 
@@ -54,7 +61,6 @@ class DihedralTTA(torch.nn.Module):
         self.module = model  # `module`, as DDP names it: predict() finds the head's class count through it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        views = torch.cat(dihedral_views(x)).contiguous(memory_format=torch.channels_last)
-        probs = torch.softmax(self.module(views).float(), 1).view(VIEWS, b, -1).mean(0)
+        views = stacked_views(x).contiguous(memory_format=torch.channels_last)
+        probs = mean_over_views(self.module(views), x.shape[0])
         return probs.clamp_min(1e-30).log()  # no -inf: a probability can underflow to 0 in float32
