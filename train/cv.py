@@ -4,7 +4,7 @@
     python -m train.cv resnet18 --folds kaggle --recipe modern      the Kaggle layout's fold_0/1/2 folders
     python -m train.cv resnet18 --resume runs/cv-resnet18-20261126-120000
 
-Patient-grouped, class-stratified K-fold over the cache's train + valid images (train/folds.py); the test split is
+Patient-grouped, class-stratified K-fold over the cache's train + valid images (see train.data.folds); the test split is
 never trained or validated on. No rebuild: each fold's loaders take a subset of the cache's rows. Each fold is a
 normal run folder (`fold-0`, `fold-1`, ...) inside `<--out>/cv-<model>-<timestamp>/`, usable by train.evaluate,
 train.predict and train.compare. `cv_summary.json` holds per fold its patients and figures, their mean and standard

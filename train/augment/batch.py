@@ -9,12 +9,11 @@ The cache stores each image with a context margin (see pipeline.config.geometry_
 centre crop fold into one affine matrix per image and one bilinear warp for the batch (one resampling, not three).
 
 Parameters are drawn on the CPU (`sample`), so a seed means the same on every device, and `apply` replays them
-exactly with one of two backends, both held to the same parity test against the report's CPU path
-(tests/test_augment.py):
-- "torch" (train/torch_backend.py): batched torch/Kornia ops on any device, the same ops for every sample, no op
+exactly with one of two backends, both held to the same parity test against the report's CPU path:
+- "torch" (the torch_backend module): batched torch/Kornia ops on any device, the same ops for every sample, no op
   that makes the host wait; its device part compiles with fullgraph=True (`GpuAugment.compile`).
-- "opencv" (train/augment/opencv_backend.py): per image on uint8 in a thread pool, for CPU tensors. On the 2-core dev machine
-  it costs ~1 ms/img per thread at 224 px, several times less than the torch backend on the same CPU (README).
+- "opencv" (the opencv_backend module): per image on uint8 in a thread pool, for CPU tensors. On the 2-core dev
+  machine it costs ~1 ms/img per thread at 224 px, several times less than the torch backend on the same CPU (README).
 "auto" picks opencv for CPU tensors and torch for any other device.
 """
 from __future__ import annotations
@@ -130,7 +129,7 @@ class GpuAugment(nn.Module):
         to miscompile a non_blocking copy of a CPU tensor computed inside a graph). Unlike nn.Module.compile this
         leaves `forward` as it is; the OpenCV backend and eval mode are not affected.
         """
-        # static shapes, as the trainer's model (train/trainer.py, COMPILE_OPTIONS): one graph per stage size
+        # static shapes, as the trainer's model (the trainer's COMPILE_OPTIONS): one graph per stage size
         self._torch_apply = torch.compile(torch_backend.apply_packed,
                                           **{"fullgraph": True, "dynamic": False, **kwargs})
         return self

@@ -5,12 +5,12 @@
    compiled, on a resident uint8 channels_last batch;
 3. the cached loader's images/s resident on the device, resident in host memory, and streaming;
 4. ResNet18/50/152 training steps (AMP, channels_last, 224 px, batch 64) on a resident synthetic batch and fed by the
-   loader + augmentation, and the data share 1 - fed / resident (train/bench/loader.py's `time_training`);
+   loader + augmentation, and the data share 1 - fed / resident (the loader part's `time_training`);
 5. a two-stage demo run with --compile in a subprocess, and its metrics.csv and summary.json figures.
 
 Every part, and every row within one, is recorded whether or not the others fail: a failure keeps its error text in
 the result and the table, and `ok` is False. `--device cpu --quick` runs the same wiring at tiny sizes on a CPU.
-The markdown tables come from `report` (train/bench/gpu_report.py).
+The markdown tables come from `report` (the gpu_report part).
 """
 from __future__ import annotations
 

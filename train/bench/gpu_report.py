@@ -1,4 +1,4 @@
-"""Markdown tables of a GPU check's result (train/bench/gpu.py), ready to paste into the README.
+"""Markdown tables of a GPU check's result (the gpu part), ready to paste into the README.
 
 A failed row shows its error in place of its figures; a failed or skipped part says so under its heading.
 """

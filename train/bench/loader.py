@@ -6,7 +6,7 @@ With CUDA it also times ResNet18/50/152 training steps (AMP, channels_last), on 
 by (c), and the data share 1 - fed / resident (`time_training`).
 
 Every timed loop synchronises the device once before and once after, never per step: that is how training runs,
-and the timing helpers here are shared with the GPU check (train/bench/gpu.py).
+and the timing helpers here are shared with the GPU check (the gpu part of this package).
 """
 from __future__ import annotations
 
