@@ -101,7 +101,7 @@ def test_streaming_windows_respect_the_memory_budget(cache_dir):
     loader = CacheLoader(cache_dir, SIZE, "train", 4, train=True, mode="auto", memory_budget_bytes=budget,
                          block_images=20)
     assert loader.mode == "streaming" and loader.n > 8  # the split is over the budget
-    windows = loader._windows(loader._rank_blocks(0)[0])
+    windows = [w.blocks for w in loader.plan(0).windows]
     assert max(sum(len(b) for b in w) for w in windows) <= 8 and len(windows) > 2
     assert 3 * max(sum(len(b) for b in w) for w in windows) * image_bytes <= budget
 
@@ -209,7 +209,7 @@ def row_of(images: np.ndarray, source_images: np.ndarray) -> np.ndarray:
 
 
 def staged(loader: CacheLoader, on: bool) -> CacheLoader:
-    loader._use_staging = on  # the CUDA staging protocol, run on the CPU (as tests/test_staging.py does)
+    loader.use_staging = on  # the CUDA staging protocol, run on the CPU (as tests/test_staging.py does)
     return loader
 
 
@@ -291,15 +291,16 @@ def test_streaming_a_subset_in_small_windows_reads_only_its_blocks_and_matches_r
     streaming = CacheLoader(cache_dir, SIZE, SPLITS, 5, rows=rows, train=True, mode="streaming", block_images=3,
                             memory_budget_bytes=3 * 8 * image_bytes)
     resident = CacheLoader(cache_dir, SIZE, SPLITS, 5, rows=rows, train=True, mode="resident")
-    windows = streaming._windows(streaming._rank_blocks(0)[0])
+    windows = [w.blocks for w in streaming.plan(0).windows]
     assert len(windows) > 2 and max(sum(len(b) for b in w) for w in windows) <= 8
     # blocks start and end on selected rows, and hold each selected row exactly once
+    blocks = streaming.traversal.blocks
     selected = set(rows)
-    read = np.concatenate([np.arange(b.offset, b.offset + len(b)) for b in streaming._blocks])
-    assert {b.offset for b in streaming._blocks} <= selected
-    assert {b.offset + len(b) - 1 for b in streaming._blocks} <= selected
+    read = np.concatenate([np.arange(b.offset, b.offset + len(b)) for b in blocks])
+    assert {b.offset for b in blocks} <= selected
+    assert {b.offset + len(b) - 1 for b in blocks} <= selected
     assert selected <= set(read) and len(set(read)) == len(read) and not set(range(21, 28)) & set(read)
-    assert sum(b.count for b in streaming._blocks) == 30 and len(read) > 30  # some rows read only to be dropped
+    assert sum(b.count for b in blocks) == 30 and len(read) > 30  # some rows read only to be dropped
     for epoch in (0, 1):
         streaming.set_epoch(epoch)
         resident.set_epoch(epoch)

@@ -13,7 +13,7 @@ from train.data.staging import Staging
 
 def _staged(loader: CacheLoader) -> CacheLoader:
     """Send this CPU loader's host batches through Staging, as a CUDA device would (buffers not pinned here)."""
-    loader._use_staging = True
+    loader.use_staging = True
     return loader
 
 
@@ -104,7 +104,7 @@ def test_cuda_placements_match_the_cpu_and_never_synchronize(cache_dir, kw):
     images = torch.cat([b[1] for b in batches]).permute(0, 2, 3, 1).cpu().numpy()
     labels = torch.cat([b[2] for b in batches]).cpu().numpy()
     assert batches[0][1].is_cuda and batches[0][2].is_cuda
-    if loader._use_staging:  # a non_blocking copy from pageable memory could still wait; these never are pageable
+    if loader.use_staging:  # a non_blocking copy from pageable memory could still wait; these never are pageable
         staging = Staging(8, (4, 4, 3), torch.device("cuda"))
         assert all(t.is_pinned() for t in staging.images + staging.labels)
     np.testing.assert_array_equal(images, on_cpu[0])

@@ -8,6 +8,9 @@ before it writes into the buffer again. No pinning per batch: page-locking fresh
 
 On a CPU device the same protocol runs with ordinary buffers and `send` hands out a copy, so the producer/consumer
 logic is exercised by the CPU tests too.
+
+`produced_batches` runs a producer in a background thread and yields, on the training thread, the batches it puts:
+through `Staging` (CUDA), or as the fresh host arrays the producer made (a CPU device wants them where they are).
 """
 from __future__ import annotations
 
@@ -16,11 +19,14 @@ import threading
 
 import torch
 
+STAGING_BUFFERS = 3  # pinned batches in flight on CUDA: one being filled, one queued, one being copied
+
 
 class Staging:
     """`count` (images (B, S, S, 3) uint8, labels (B,) int64) host buffers and a side stream for `device`."""
 
-    def __init__(self, batch_size: int, image_shape: tuple[int, ...], device: torch.device, count: int = 3):
+    def __init__(self, batch_size: int, image_shape: tuple[int, ...], device: torch.device,
+                 count: int = STAGING_BUFFERS):
         self.device = device
         cuda = device.type == "cuda"
         self.images = [torch.empty((batch_size, *image_shape), dtype=torch.uint8, pin_memory=cuda)
@@ -67,3 +73,60 @@ class Staging:
             self._copied[index] = event
         self._free.put(index)
         return out
+
+
+def produced_batches(produce, staging: Staging | None):
+    """Run `produce(put, stop)` in a thread; yield the (images (B, S, S, 3) uint8, labels (B,) int64) batches it
+    puts, on the device.
+
+    The producer puts (buffer index, rows) when `staging` is given, else (images, labels) numpy arrays it made for
+    this batch alone (the consumer keeps them). `put` returns False once the consumer has stopped (the producer
+    should return); `stop` is the event that says so. An exception in the producer is raised in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=STAGING_BUFFERS - 1)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # CUDA's current device is per thread and starts at 0: without this, the producer's event waits would open a
+    # context on GPU 0 from every DDP rank (as torch's own pin-memory thread, which sets it too).
+    device_index = None
+    if staging is not None and staging.device.type == "cuda":
+        device_index = torch.cuda.current_device() if staging.device.index is None else staging.device.index
+
+    def run() -> None:
+        try:
+            if device_index is not None:
+                torch.cuda.set_device(device_index)
+            produce(put, stop)
+            put(done)
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            put(err)
+
+    thread = threading.Thread(target=run, daemon=True, name="cache-batches")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            if staging is not None:
+                yield staging.send(*item)
+            else:  # a fresh host batch, already where a CPU device wants it
+                yield tuple(torch.from_numpy(a) for a in item)
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
