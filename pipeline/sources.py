@@ -1,6 +1,6 @@
 """Finding the images of a source folder, their labels, patients and (where the source gives one) their split.
 
-Layouts, tried in this order:
+Layouts, tried in this order (`detect_layout`):
 - `kaggle`: the Kaggle C-NMC 2019 layout, `training_data/fold_*/{all,hem}/*.bmp` (optionally under
   `C-NMC_Leukemia/`), plus `validation_data/C-NMC_test_prelim_phase_data/*.bmp` with its labels CSV (split
   `prelim`) and `testing_data/C-NMC_test_final_phase_data/*.bmp` without labels (split `final`) when present;
@@ -276,7 +276,8 @@ def _prelim_labels(root: Path, prelim: Path, problems: _Problems) -> tuple[dict,
     return labels, bad, [_rel(root, labels_csv)]
 
 
-def _kaggle(root: Path, base: Path, problems: _Problems) -> Source:
+def _kaggle(root: Path, problems: _Problems) -> Source:
+    base = _kaggle_root(root)
     items = []
     for fold in sorted((base / "training_data").glob("fold_*")):
         if _is_dir(fold):
@@ -301,10 +302,8 @@ def _kaggle(root: Path, base: Path, problems: _Problems) -> Source:
     return Source(root, "kaggle", tuple(items), tuple(label_files))
 
 
-def _csv_lists(root: Path, problems: _Problems) -> Source | None:
+def _csv_lists(root: Path, problems: _Problems) -> Source:
     train, valid = root / "train.csv", root / "valid.csv"
-    if not (_is_file(train) and _is_file(valid)):
-        return None
     tests = sorted(p for p in root.glob("*test*.csv"))
     if len(tests) > 1:
         raise SourceError(f"{root}: several test lists {[p.name for p in tests]}; keep one *test*.csv")
@@ -329,6 +328,34 @@ def _utf8_items(source: Source, problems: _Problems) -> list[Item]:
     return items
 
 
+def _labels_csv(root: Path, problems: _Problems) -> Source:
+    items = read_list(root / "labels.csv", root, None, problems=problems)
+    return Source(root, "labels-csv", tuple(items), ("labels.csv",))
+
+
+def _class_folders(root: Path, problems: _Problems) -> Source:  # (no list: nothing to report)
+    return Source(root, "class-folders", tuple(_class_folder_items(root, root, None)), ())
+
+
+_READERS = {"kaggle": _kaggle, "csv-lists": _csv_lists, "labels-csv": _labels_csv, "class-folders": _class_folders}
+
+
+def detect_layout(folder: str | os.PathLike) -> str | None:
+    """The layout `discover` reads `folder` as (the first match, in this module's order), or None for a folder of
+    none; a few stats, no list or image read. Every caller asks this one function, so a folder another command takes
+    for a source is one the build reads the same way. SourceError for a link loop or broken link at a marker."""
+    root = Path(folder)
+    if _kaggle_root(root) is not None:
+        return "kaggle"
+    if _is_file(root / "train.csv") and _is_file(root / "valid.csv"):
+        return "csv-lists"
+    if _is_file(root / "labels.csv"):
+        return "labels-csv"
+    if _is_dir(root / "all") and _is_dir(root / "hem"):
+        return "class-folders"
+    return None
+
+
 def _source_root(root: str | os.PathLike) -> Path:
     path = Path(root)
     try:
@@ -351,18 +378,10 @@ def discover(root: str | os.PathLike, on_error: str | None = None) -> Source:
     """
     problems = _Problems(on_error)
     root = _source_root(root)
-    base = _kaggle_root(root)
-    if base is not None:
-        source = _kaggle(root, base, problems)
-    elif (source := _csv_lists(root, problems)) is not None:
-        pass
-    elif _is_file(root / "labels.csv"):
-        items = read_list(root / "labels.csv", root, None, problems=problems)
-        source = Source(root, "labels-csv", tuple(items), ("labels.csv",))
-    elif _is_dir(root / "all") and _is_dir(root / "hem"):
-        source = Source(root, "class-folders", tuple(_class_folder_items(root, root, None)), ())
-    else:
+    layout = detect_layout(root)
+    if layout is None:
         raise SourceError(f"{root}: no known source layout found. Expected one of:\n{EXPECTED_LAYOUTS}")
+    source = _READERS[layout](root, problems)
     items = _utf8_items(source, problems)
     source = dataclasses.replace(source, items=tuple(items), skipped=tuple(problems.skipped))
     if not source.items:

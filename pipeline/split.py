@@ -3,17 +3,25 @@
 Grouped by patient (no patient's cells in two splits: the report's split leaked patients between train and test)
 and stratified by class. With fewer than three patients in some class a grouped split cannot give every split both
 classes, so we fall back to a stratified split of images and record that in the manifest.
+
+The assignment is stored beside the shards as a table (SPLIT_TABLE): a build that adds a size later follows the
+stored one, so shard i of every size holds the same images even if the assignment code has changed since.
 """
 from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import numpy as np
 
-from pipeline.sources import UNKNOWN_PATIENT, Item
+from pipeline.atomic import TMP_SUFFIX, fsync_rename
+from pipeline.config import PreprocessConfig
+from pipeline.sources import UNKNOWN_PATIENT, Item, Source
 
 SPLITS = ("train", "valid", "test")
+SPLIT_ORDER = (*SPLITS, "prelim", "final")  # the order splits are planned, counted and reported in
+SPLIT_TABLE = "split.csv"  # path,label,patient,split of every source image
 log = logging.getLogger(__name__)
 
 
@@ -81,3 +89,46 @@ def assign_splits(items: list[Item], fractions, seed: int) -> tuple[list[str], d
         record.update(method="stratified-images", note=reason)
         return _stratified_images(items, fractions, rng), record
     return _grouped(items, fractions, rng), record
+
+
+def split_rank(split: str) -> int:
+    """Sort key of a split name: SPLIT_ORDER first, any other name after them."""
+    return SPLIT_ORDER.index(split) if split in SPLIT_ORDER else len(SPLIT_ORDER)
+
+
+def split_items(source: Source, config: PreprocessConfig) -> tuple[list[Item], dict]:
+    """Every item with its split: the source's own where given, else a patient-grouped assignment."""
+    given = [it for it in source.items if it.split is not None]
+    free = [it for it in source.items if it.split is None]
+    record = {"method": "given"}
+    if free:
+        names, record = assign_splits(free, config.split_fractions, config.split_seed)
+        free = [Item(it.path, it.label, it.patient, s) for it, s in zip(free, names)]
+    if given:
+        record["given"] = sorted({it.split for it in given})
+    return free + given, record
+
+
+def write_split_table(cache_dir: Path, items: list[Item]) -> None:
+    import pandas as pd
+    table = pd.DataFrame([(it.path, it.label, it.patient, it.split) for it in items],
+                         columns=["path", "label", "patient", "split"])
+    tmp = cache_dir / (SPLIT_TABLE + TMP_SUFFIX)
+    try:
+        table.to_csv(tmp, index=False)
+        fsync_rename(tmp, cache_dir / SPLIT_TABLE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_split_table(cache_dir: Path) -> list[Item] | None:
+    """The stored assignment, or None (with a warning) when the table is missing or damaged."""
+    import pandas as pd
+    path = cache_dir / SPLIT_TABLE
+    try:
+        table = pd.read_csv(path, dtype={"path": str, "patient": str, "split": str}, keep_default_na=False)
+        return [Item(r.path, int(r.label), r.patient, r.split) for r in table.itertuples()]
+    except (OSError, ValueError, AttributeError) as err:  # pandas' parser errors are ValueErrors
+        log.warning("%s cannot be read (%s); making the assignment again from the source and the config", path, err)
+        return None

@@ -7,18 +7,15 @@
 Shards are written as `*.h5.tmp` and renamed when complete, so a shard with its final name is always whole. The
 manifest records each shard's sha256 and byte size: a reader hashes a shard the first time a process opens it
 (`CacheReader`), and a build that finds a shard missing, resized or (with --verify) changed rebuilds it.
+The manifest's layout and checks are `pipeline.manifest`'s, the shard checksums `pipeline.checksums`', the split
+table `pipeline.split`'s.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
-import shlex
-import stat
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +23,13 @@ import cv2
 import h5py
 import numpy as np
 
-from pipeline.config import FORMAT_VERSION, PreprocessConfig
+# The manifest, the shard checksums and the atomic writes have modules of their own; their names stay importable
+# from here, where readers of the cache have always found them.
+from pipeline.atomic import TMP_SUFFIX, fsync_rename, write_json_atomic  # noqa: F401
+from pipeline.checksums import sha256_file, shard_problem, shard_problems  # noqa: F401
+from pipeline.manifest import (MANIFEST, CacheError, ManifestError, read_manifest,  # noqa: F401
+                               rebuild_command)
 
-MANIFEST = "manifest.json"
-SPLIT_TABLE = "split.csv"
-TMP_SUFFIX = ".tmp"
 STRING = h5py.string_dtype("utf-8")
 _LEVELS = np.arange(256, dtype=np.int64)
 # Images per h5py write call: one call per image cost ~0.3 ms of h5py overhead (7% of a build on 2 cores) ...
@@ -39,50 +38,10 @@ WRITE_BATCH = 16
 WRITE_BUFFER_BYTES = 64 * 2**20
 # cv2.calcHist counts in float32, exact up to 2**24; larger windows are counted with np.bincount (int64).
 _CALCHIST_EXACT_PIXELS = 2**24
-HASH_THREADS = 4  # shards hashed at once when a reader checks a split (hashlib releases the GIL)
-
-
-class CacheError(ValueError):
-    """A cache folder is missing, incomplete or corrupt; the message names the file."""
-
-
-class ManifestError(CacheError):
-    """A manifest.json that cannot be used; `path` and `problem` say which and why."""
-
-    def __init__(self, path: Path, problem: str):
-        self.path, self.problem = Path(path), problem
-        key = self.path.parent.name
-        super().__init__(f"{path}: {problem}. This cache cannot be used: build it again with python -m pipeline.build "
-                         f"(the same --source and options; the damaged folder is replaced), or remove it with "
-                         f"python -m pipeline.cache rm {key}")
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}.h5"
-
-
-def sha256_file(path: Path, block_bytes: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(block_bytes):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fsync_rename(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-        fsync_rename(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -257,115 +216,6 @@ def channel_stats(results: list[ShardResult]) -> tuple[list[float], list[float]]
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def _manifest_problem(m) -> str | None:
-    """What makes a parsed manifest unusable, or None. Checks the fields readers index, not every value."""
-    if not isinstance(m, dict):
-        return f"holds a JSON {type(m).__name__}, not a cache manifest (an object with format_version, sizes, ...)"
-    missing = [k for k in ("format_version", "key", "config", "source", "splits", "sizes", "skipped") if k not in m]
-    if missing:
-        return f"is not a cache manifest: it lacks {', '.join(missing)}"
-    if m["format_version"] != FORMAT_VERSION:
-        return f"is cache format {m['format_version']!r}; this version reads format {FORMAT_VERSION}"
-    if not (isinstance(m["source"], dict) and isinstance(m["source"].get("root"), str)):
-        return "has no source root"
-    if not (isinstance(m["config"], dict) and isinstance(m["splits"], dict) and isinstance(m["skipped"], list)
-            and isinstance(m["sizes"], dict)):
-        return "has a config, splits, sizes or skipped entry of the wrong type"
-    for size, info in m["sizes"].items():
-        shards = info.get("shards") if isinstance(info, dict) else None
-        if not (str(size).isdigit() and isinstance(info.get("stored_size"), int) and isinstance(shards, dict)
-                and all(isinstance(entries, list) and all(
-                    isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("count"), int)
-                    and isinstance(e.get("sha256"), str) for e in entries) for entries in shards.values())):
-            return f"has a malformed entry for size {size!r}"
-    return None
-
-
-def read_manifest(cache_dir: str | os.PathLike) -> dict:
-    """The manifest of a complete cache; CacheError when there is none, ManifestError when it cannot be used."""
-    path = Path(cache_dir) / MANIFEST
-    if not os.path.lexists(path):
-        raise CacheError(f"{cache_dir}: no {MANIFEST}; it is not a complete cache (build it with python -m "
-                         f"pipeline.build)")
-    if not path.is_file():
-        raise ManifestError(path, "is not a regular file (a folder or a broken link?)")
-    try:
-        m = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ManifestError(path, f"is not valid JSON ({err})") from None
-    except OSError as err:
-        raise ManifestError(path, f"cannot be read ({err.strerror})") from None
-    problem = _manifest_problem(m)
-    if problem:
-        raise ManifestError(path, problem)
-    return m
-
-
-def rebuild_command(cache_dir: str | os.PathLike, manifest: dict, sizes) -> str:
-    """The build command that rebuilds `sizes` of this cache in place: same source, cache root and parameters (those
-    that differ from the defaults), --verify so that every shard's checksum is checked and the bad ones rebuilt."""
-    cache_dir = Path(cache_dir).resolve()
-    args = ["python", "-m", "pipeline.build", "--source", manifest["source"]["root"], "--cache-dir",
-            str(cache_dir.parent), "--sizes", *(str(s) for s in sorted(sizes))]
-    defaults = PreprocessConfig().as_dict()
-    for name, value in manifest["config"].items():
-        if name in defaults and value != defaults[name]:
-            args += ["--" + name.replace("_", "-"), *(str(v) for v in (value if isinstance(value, list) else [value]))]
-    if manifest["skipped"]:
-        args += ["--on-error", "skip"]
-    return shlex.join(args + ["--verify"])
-
-
-# Shards whose sha256 this process has checked: (device, inode, bytes, mtime_ns, expected sha256).
-_checked: set[tuple] = set()
-_checked_lock = threading.Lock()
-
-
-def shard_problem(cache_dir: Path, entry: dict, full: bool = True, remember: bool = True) -> str | None:
-    """Why a manifest's shard cannot be used (missing, wrong size, checksum differs), or None.
-
-    full=False: existence and byte size only (one stat). full=True: also its sha256 (~1 GB/s on the 2-core dev
-    machine), once per process and file version when `remember`."""
-    path = Path(cache_dir) / entry["file"]
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return "is missing"
-    except OSError as err:
-        return f"cannot be read ({err.strerror})"
-    if not stat.S_ISREG(st.st_mode):
-        return "is not a regular file"
-    if "bytes" in entry and st.st_size != entry["bytes"]:
-        return f"has {st.st_size} bytes where the manifest records {entry['bytes']} (truncated or replaced)"
-    if not full:
-        return None
-    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, entry["sha256"])
-    if remember and identity in _checked:
-        return None
-    try:
-        digest = sha256_file(path)
-    except OSError as err:
-        return f"cannot be read ({err.strerror})"
-    if digest != entry["sha256"]:
-        return "differs from its sha256 in the manifest (the file was changed or corrupted)"
-    with _checked_lock:
-        _checked.add(identity)
-    return None
-
-
-def shard_problems(cache_dir: Path, manifest: dict, sizes=None, full: bool = True,
-                   remember: bool = True) -> list[tuple[str, str]]:
-    """(file, problem) for every bad shard of `sizes` (default: all), in manifest order; hashed in threads."""
-    sizes = manifest["sizes"] if sizes is None else [str(s) for s in sizes]
-    entries = [e for size in sizes for split in manifest["sizes"][size]["shards"].values() for e in split]
-    if full and len(entries) > 1:
-        with ThreadPoolExecutor(min(HASH_THREADS, os.cpu_count() or 1, len(entries))) as pool:
-            problems = list(pool.map(lambda e: shard_problem(cache_dir, e, True, remember), entries))
-    else:
-        problems = [shard_problem(cache_dir, e, full, remember) for e in entries]
-    return [(e["file"], why) for e, why in zip(entries, problems) if why]
 
 
 class CacheReader:

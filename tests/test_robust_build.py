@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from pipeline import build as build_mod
+from pipeline import checksums
 from pipeline import parallel as parallel_mod
 from pipeline import store
 from pipeline.build import BuildError, BuildOptions, StorageError, build, main
@@ -105,9 +106,9 @@ def test_flipped_labels_and_damaged_headers_and_deleted_shards_give_the_same_nam
 def test_each_shard_is_hashed_once_per_process(cache, monkeypatch):
     from train.data.loader import CacheLoader
     calls = []
-    real = store.sha256_file
-    monkeypatch.setattr(store, "sha256_file", lambda path, *a: calls.append(Path(path).name) or real(path, *a))
-    store._checked.clear()
+    real = checksums.sha256_file
+    monkeypatch.setattr(checksums, "sha256_file", lambda path, *a: calls.append(Path(path).name) or real(path, *a))
+    checksums._checked.clear()
     for _ in range(2):
         loader = CacheLoader(cache, 16, "train", 4, mode="streaming", memory_budget_bytes=10**5)
         for _ in range(2):  # two epochs

@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from pipeline.sources import SourceError, discover, patient_of
+from pipeline.sources import SourceError, detect_layout, discover, patient_of
 from tests.conftest import REAL_SAMPLE, cnmc_names, write_images
 
 
@@ -88,6 +88,52 @@ def test_fingerprint_follows_bytes_and_mtimes(folder_source):
     import os
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     assert discover(folder_source).fingerprint() != before
+
+
+def _layouts(tmp_path, kaggle_source, folder_source) -> dict:
+    """One folder of each layout, and folders that match several (the first in discover's order must win)."""
+    lists = tmp_path / "lists"
+    write_images(lists / "imgs", ["a.bmp", "h.bmp"], 1)
+    for name, path in (("train.csv", "imgs/a.bmp"), ("valid.csv", "imgs/h.bmp")):
+        pd.DataFrame({"Path": [path], "label": [1]}).to_csv(lists / name, index=False)
+    labelled = tmp_path / "labelled"
+    write_images(labelled / "imgs", ["a.bmp"], 1)
+    pd.DataFrame({"Path": ["imgs/a.bmp"], "label": [1]}).to_csv(labelled / "labels.csv", index=False)
+    both = tmp_path / "both"  # labels.csv beside all/ and hem/: the list decides
+    write_images(both / "all", ["a.bmp"], 1)
+    write_images(both / "hem", ["h.bmp"], 0)
+    pd.DataFrame({"Path": ["all/a.bmp"], "label": [1]}).to_csv(both / "labels.csv", index=False)
+    lists_and_labels = tmp_path / "lists-and-labels"  # csv-lists come before labels.csv
+    write_images(lists_and_labels, ["a.bmp", "b.bmp"], 1)
+    for name, path in (("train.csv", "a.bmp"), ("valid.csv", "b.bmp"), ("labels.csv", "a.bmp")):
+        pd.DataFrame({"Path": [path], "label": [1]}).to_csv(lists_and_labels / name, index=False)
+    write_images(kaggle_source / "all", ["x.bmp"], 1)  # Kaggle folders win over class folders beside them
+    write_images(kaggle_source / "hem", ["y.bmp"], 0)
+    return {kaggle_source: "kaggle", lists: "csv-lists", labelled: "labels-csv", folder_source: "class-folders",
+            both: "labels-csv", lists_and_labels: "csv-lists"}
+
+
+def test_detect_layout_names_the_layout_discover_reads(tmp_path, kaggle_source, folder_source):
+    for folder, layout in _layouts(tmp_path, kaggle_source, folder_source).items():
+        assert (detect_layout(folder), discover(folder).layout) == (layout, layout), folder
+
+
+def test_detect_layout_finds_none_in_a_plain_folder_of_images(tmp_path):
+    write_images(tmp_path / "plain" / "sub", ["a.bmp"], 1)
+    write_images(tmp_path / "plain", ["b.bmp"], 0)
+    (tmp_path / "plain" / "all").mkdir()  # all/ without hem/ is no layout
+    for folder in (tmp_path / "plain", tmp_path / "plain" / "sub", tmp_path / "missing"):
+        assert detect_layout(folder) is None
+    with pytest.raises(SourceError, match="no known source layout"):
+        discover(tmp_path / "plain")
+
+
+def test_detect_layout_names_a_broken_link_where_a_list_should_be(tmp_path):
+    write_images(tmp_path / "all", ["a.bmp"], 1)
+    (tmp_path / "labels.csv").symlink_to(tmp_path / "gone.csv")
+    for find in (detect_layout, discover):
+        with pytest.raises(SourceError, match="labels.csv is a broken symbolic link"):
+            find(tmp_path)
 
 
 @pytest.mark.skipif(not REAL_SAMPLE.is_dir(), reason="../shared/data/cnmc-sample not present")

@@ -156,15 +156,6 @@ def load_predictor(run_dir: Path, checkpoint: str = "best.pt", device: str = "cp
 # ----------------------------------------------------------------------------- the images
 
 
-def _is_source_layout(folder: Path) -> bool:
-    """Whether `sources.discover` recognises `folder`: its own tests, in its order (kaggle, csv-lists, labels-csv,
-    class-folders)."""
-    return (sources._kaggle_root(folder) is not None
-            or (sources._is_file(folder / "train.csv") and sources._is_file(folder / "valid.csv"))
-            or sources._is_file(folder / "labels.csv")
-            or (sources._is_dir(folder / "all") and sources._is_dir(folder / "hem")))
-
-
 def _images_under(folder: Path) -> list[Path]:
     """Files with an image suffix (any case) anywhere under `folder`, sorted; links to folders are not followed."""
     def unlistable(err: OSError):
@@ -188,7 +179,7 @@ def gather(inputs, on_error: str = "fail") -> tuple[list[Entry], list[dict]]:
             raise PredictError(f"input {printable(given)} does not exist; pass image files or folders of images")
         if not given.is_dir():
             found = [_entry(given)]  # named explicitly: read whatever it is (the read says if it is no image)
-        elif _is_source_layout(given):
+        elif sources.detect_layout(given) is not None:
             source = sources.discover(given, on_error=on_error)
             log.info("%s: source layout %s, %d images", printable(given), source.layout, len(source.items))
             found = [_entry(Path(os.path.normpath(given / it.path)), it.patient, it.label) for it in source.items]
