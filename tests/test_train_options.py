@@ -19,12 +19,13 @@ from train.engine import checkpoint as ckpt
 from train.engine import loop as loop_mod
 from train.engine import trainer as trainer_mod
 from train.augment import GpuAugment
-from train.engine.config import RECIPES, Stage, TrainConfig
+from train.engine.config import Stage, TrainConfig
 from train.engine.distributed import Dist
 from train.engine.ema import ModelEma
 from train.data.loader import CacheLoader
 from train.engine.loop import Precision, loss_and_acc, predict, train_one_epoch, train_step
 from train.engine.optim import Schedule, build_optimizer, param_groups, set_lr
+from train.engine.options import RECIPES
 from train.experiment.session import parse_args, resolve_config
 from train.run import main
 
@@ -356,13 +357,15 @@ def test_the_modern_recipe_is_written_to_config_json_and_resume_keeps_it(cache, 
                          (["--no-nesterov"], "--no-nesterov (the run keeps --nesterov)"),
                          (["--no-ema-warmup"], "--no-ema-warmup (the run keeps --ema-warmup)"),
                          (["--warmup-epochs", "3"], "--warmup-epochs 3 (the run keeps 1)"),
-                         (["--label-smoothing", "0"], "--label-smoothing 0.0 (the run keeps 0.1)")]:
+                         (["--label-smoothing", "0"], "--label-smoothing 0.0 (the run keeps 0.1)"),
+                         # given with the default's value, still not the run's: refused all the same
+                         (["--batch-size", "64"], "--batch-size 64 (the run keeps 4)")]:
         assert main(["resnet18", *flags, "--resume", str(run_dir), "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert named in err and "start a new run" in err, err
     assert (run_dir / "last.pt").read_bytes() == before  # refused before touching anything
-    assert main(["resnet18", "--recipe", "modern", "--weight-decay", "5e-4", "--ema-decay", "0.998",
-                 "--resume", str(run_dir), "--no-progress"]) == 0  # the saved values are fine
+    assert main(["resnet18", "--recipe", "modern", "--weight-decay", "5e-4", "--ema-decay", "0.998", "--batch-size",
+                 "4", "--resume", str(run_dir), "--no-progress"]) == 0  # the saved values are fine
 
 
 def test_explicit_flags_override_the_recipe(cache):

@@ -26,14 +26,12 @@ log = logging.getLogger(__name__)
 PLAN = "cv.json"  # written first: the folds and the arguments, so --resume needs nothing else
 SUMMARY = "cv_summary.json"
 FOLD_FIGURES = ("best_valid_acc", "valid_f1_weighted", "test_acc", "test_f1_weighted")
-# may be given with --resume (they change nothing that is trained)
-RESUME_MAY_CHANGE = ("resume", "progress", "no_progress")
 
 
 def build_parser(description: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
     """train.cv's parser: every train.run option, meaning the same, and --folds."""
-    p = argparse.ArgumentParser(prog="python -m train.cv", description=description, epilog=epilog,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = session.RunParser(prog="python -m train.cv", description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     session.add_run_arguments(p, resume_metavar="CV_DIR",
                               resume_help="continue an interrupted cross-validation where it stopped",
                               stop_after=False)
@@ -42,8 +40,10 @@ def build_parser(description: str | None = None, epilog: str | None = None) -> a
     return p
 
 
-def _given_flags(argv: list[str]) -> list[str]:
-    return [a for a in argv if a.startswith("--")]
+def _refuse_stop_after(args) -> None:
+    if args.stop_after is not None:
+        raise session.RunError("--stop-after stops one run; a cross-validation is stopped by interrupting it and "
+                               "continued with --resume CV_DIR")
 
 
 def plan_cv(args, argv: list[str]) -> tuple[dict, session.TrainConfig]:
@@ -53,9 +53,7 @@ def plan_cv(args, argv: list[str]) -> tuple[dict, session.TrainConfig]:
     args.folds = args.folds.strip().lower()
     if args.folds != "kaggle" and not args.folds.isdigit():
         raise session.RunError(f"--folds must be a number of folds (2 or more) or kaggle, got {args.folds!r}")
-    if args.stop_after is not None:
-        raise session.RunError("--stop-after stops one run; a cross-validation is stopped by interrupting it and "
-                               "continued with --resume CV_DIR")
+    _refuse_stop_after(args)
     config, full_recipe = session.resolve_config(args)
     if full_recipe and config.device == "cpu" and not args.force:
         session.check_cpu_recipe(config)
@@ -164,7 +162,10 @@ def resume_plan(args, argv: list[str]) -> tuple[dict, argparse.Namespace]:
     if not (cv_dir / PLAN).is_file():
         raise session.RunError(f"{cv_dir}: no {PLAN}; is it a folder made by python -m train.cv?")
     plan = json.loads((cv_dir / PLAN).read_text())
-    extra = [flag for flag in _given_flags(argv) if flag.lstrip("-").replace("-", "_") not in RESUME_MAY_CHANGE]
+    _refuse_stop_after(args)
+    # every flag but those that change nothing trained (args.given: what was typed, whatever its value)
+    extra = [session.flag_of(name) for name in args.given
+             if name not in ("model", "resume", *session.RESUME_MAY_CHANGE)]
     if args.model != plan["model"]:
         extra.insert(0, f"model {args.model} (the CV trains {plan['model']})")
     if extra:

@@ -16,8 +16,8 @@ from models import MODEL_NAMES, STEMS, ModelError
 from pipeline.progress import add_progress_flags, bars
 from pipeline.store import MANIFEST, CacheError, read_manifest
 from train.engine import checkpoint as ckpt
-from train.engine.config import (MODERN_ADAMW, OPTIMIZERS, PRESETS, RECIPES, SCHEDULES, Stage, TrainConfig, check_choices,
-                          check_numbers, parse_lr_drop, parse_stages)
+from train.engine import options
+from train.engine.config import PRESETS, Stage, TrainConfig, check_seed, parse_stages
 from train.engine.distributed import Dist, resolve_device
 from train.evaluation.evaluator import evaluate_run, open_run_cache, read_run_config
 from train.engine.trainer import Trainer, TrainingDiverged, estimate_seconds
@@ -64,6 +64,24 @@ def find_cache(cache_root: Path, sizes: list[int] | None) -> Path:
     return max(candidates)[1]
 
 
+_NOT_GIVEN = object()
+
+
+class RunParser(argparse.ArgumentParser):
+    """train.run's and train.cv's parser. Its namespace also holds `given`: {dest: value} of every argument the
+    command line gave. What was typed decides, not whether a value differs from its default: the recipe yields only
+    to options given, and --resume refuses `--batch-size 64` on a batch-16 run although 64 is the default."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        # again, over a namespace where every dest is already set: argparse then fills in no default, so what
+        # still holds the marker was not on the command line
+        unset = argparse.Namespace(**{dest: _NOT_GIVEN for dest in vars(parsed)})
+        again, _ = super().parse_known_args(args, unset)
+        parsed.given = {dest: value for dest, value in vars(again).items() if value is not _NOT_GIVEN}
+        return parsed, rest
+
+
 def add_run_arguments(p: argparse.ArgumentParser, *, resume_metavar: str = "RUN_DIR",
                       resume_help: str = "continue a stopped run where it stopped", stop_after: bool = True) -> None:
     """Every train.run flag, on `p`; train.cv takes the same ones (its --resume names a CV folder, and a CV is
@@ -74,7 +92,7 @@ def add_run_arguments(p: argparse.ArgumentParser, *, resume_metavar: str = "RUN_
     p.add_argument("--stages", nargs="+", help="SIZE:EPOCHS[:BATCH] items (default: the model's preset)")
     p.add_argument("--epochs", type=int, help="one stage of N epochs at the largest cached size")
     p.add_argument("--batch-size", type=int, default=64)
-    add_training_options(p)
+    options.add_training_options(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder of run folders")
     p.add_argument("--seed", type=int, default=0)
@@ -95,73 +113,10 @@ def add_run_arguments(p: argparse.ArgumentParser, *, resume_metavar: str = "RUN_
 
 def build_parser(description: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
     """train.run's parser (the command passes its docstring for --help)."""
-    p = argparse.ArgumentParser(prog="python -m train.run", description=description, epilog=epilog,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = RunParser(prog="python -m train.run", description=description, epilog=epilog,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p)
     return p
-
-
-def _ema_decay(text: str) -> float | str:
-    if text.lower() in ("off", "none"):
-        return "off"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be off or a number in (0, 1), e.g. 0.998, got {text!r}") from None
-
-
-def add_training_options(p: argparse.ArgumentParser) -> None:
-    """The recipe and the options it sets (timm's names and meanings). Each defaults to None: the recipe decides,
-    and a flag given explicitly overrides the recipe's value. config.json records the resolved values."""
-    def shown(value) -> str:
-        if value is None or isinstance(value, bool):
-            return "on" if value else "off"
-        return value if isinstance(value, str) else f"{value:g}"
-
-    def values(name):
-        return ", ".join(f"{recipe} {shown(RECIPES[recipe][name])}" for recipe in RECIPES)
-    g = p.add_argument_group("training options (default: the --recipe's value; given, they override it)")
-    g.add_argument("--recipe", choices=tuple(RECIPES),
-                   help="report (default): the report's recipe, SGD momentum 0.9, lr 0.005, no weight decay, no "
-                        "label smoothing, step lr drops (--lr-drop), no warmup, no EMA. modern: SGD with Nesterov "
-                        "momentum 0.9, lr 0.005, weight decay 5e-4, label smoothing 0.1, cosine to 0 after 1 "
-                        "warmup epoch per stage, EMA 0.998 with warmup (with --opt adamw: lr 0.001, weight decay "
-                        "0.05)")
-    g.add_argument("--opt", choices=OPTIMIZERS,
-                   help="sgd: the report's momentum SGD (unlike timm's `sgd`, Nesterov only with --nesterov); "
-                        "adamw: AdamW with torch's default betas (0.9, 0.999) and decoupled weight decay")
-    g.add_argument("--lr", type=float, help=f"base learning rate ({values('lr')}; modern with adamw 0.001)")
-    g.add_argument("--momentum", type=float, help=f"SGD's momentum ({values('momentum')})")
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"Nesterov momentum for --opt sgd ({values('nesterov')})")
-    g.add_argument("--weight-decay", type=float,
-                   help=f"weight decay of conv and linear weights; norm layers' parameters and biases get none, as "
-                        f"in timm ({values('weight_decay')}; modern with adamw 0.05)")
-    g.add_argument("--label-smoothing", type=float,
-                   help=f"label smoothing of the training loss, in [0, 1); the validation loss (metrics.csv "
-                        f"valid_loss) stays plain cross-entropy, while train_loss is the smoothed loss trained on "
-                        f"({values('label_smoothing')})")
-    g.add_argument("--sched", choices=SCHEDULES,
-                   help="step: lr /= 10 at the --lr-drop epochs; plateau: also whenever valid accuracy has not "
-                        "improved for N epochs (--lr-drop plateau:N); cosine: from the base lr to --min-lr over each "
-                        "stage, set every step. Every stage restarts the schedule at the base lr; metrics.csv's lr is "
-                        "the lr of each epoch's first step. Default: plateau "
-                        "when --lr-drop plateau:N is given, step with other --lr-drop, else the recipe's "
-                        f"({values('sched')})")
-    g.add_argument("--lr-drop", nargs="+", help="epochs (1-based) at which lr /= 10, and/or plateau:PATIENCE")
-    g.add_argument("--min-lr", type=float, help="where --sched cosine ends (0)")
-    g.add_argument("--warmup-epochs", type=int,
-                   help=f"linear warmup over the first N epochs of each stage, set every step, from --warmup-lr to "
-                        f"the lr the schedule starts from ({values('warmup_epochs')})")
-    g.add_argument("--warmup-lr", type=float, help="the lr of the warmup's first step (1e-5, timm's default)")
-    g.add_argument("--ema-decay", type=_ema_decay, metavar="DECAY|off",
-                   help="keep an exponential moving average of the weights (BatchNorm statistics included), "
-                        "updated after every optimizer step with this decay; validation, best.pt and the reports "
-                        f"then use the EMA weights; each stage restarts it ({values('ema_decay')}; off turns it off)")
-    g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help="timm's EMA warmup: the k-th update since the EMA (re)started uses decay min(DECAY, "
-                        "1 - k^(-2/3)), so that runs of a few hundred steps are not measured on nearly initial "
-                        f"weights ({values('ema_warmup')})")
 
 
 def parse_args(argv, description: str | None = None, epilog: str | None = None):
@@ -172,100 +127,98 @@ def parse_args(argv, description: str | None = None, epilog: str | None = None):
     return args
 
 
-# On --resume the saved config decides; these may still be given (they change nothing that was trained).
-RESUME_MAY_CHANGE = ("stop_after", "progress")
+# On --resume the saved config decides. Every other flag is either compared with the run's saved value (a flag
+# given with the saved value is fine) or cannot apply to a resumed run. train.cv's --resume allows the same few.
+RESUME_MAY_CHANGE = ("stop_after", "progress")  # they change nothing that is trained
+RUN_SETTINGS = ("seed", "stem", "amp", "compile", "pretrained", "device")  # TrainConfig fields of the same name
+STAGE_FLAGS = ("stages", "epochs", "batch_size")  # compared with the saved stages together
+COMPARED_ON_RESUME = (*options.OPTION, *RUN_SETTINGS, *STAGE_FLAGS)
+NOT_ON_RESUME = {"out": "a resumed run stays in its own folder", "force": "a resumed run has already started",
+                 "cache": "a resumed run reads the cache it started on", "cache_root": "a resumed run reads the "
+                 "cache it started on"}
 
 
-def _shown(flag: str, value, bare: bool = False) -> str:
-    """A flag as given: --nesterov / --no-nesterov, --ema-decay off, --lr 0.1 (`bare`: the value alone)."""
-    if isinstance(value, bool) and flag in ("--nesterov", "--amp", "--ema-warmup"):
-        return f"--{'' if value else 'no-'}{flag[2:]}"
-    value = "off" if value is None and flag == "--ema-decay" else value
-    return f"{value}" if bare else f"{flag} {value}"
+def flag_of(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
 
-def resume_conflicts(args, config: TrainConfig) -> list[str]:
-    """The flags given with --resume that would change the saved run, each with the value the run keeps."""
-    defaults = vars(build_parser().parse_args([config.model]))
-    given = {k: v for k, v in vars(args).items()
-             if k not in ("model", "resume", *RESUME_MAY_CHANGE) and v != defaults.get(k)}
-    conflicts = [f"model {args.model} (the run trains {config.model})"] if args.model != config.model else []
-    same = {"lr": config.lr, "momentum": config.momentum, "seed": config.seed, "stem": config.stem,
-            "device": config.device, "amp": config.amp, "compile": config.compile}
-    same.update({name: getattr(config, name) for name in TRAINING_OPTIONS})
-    for name, value in given.items():
-        flag = "--" + name.replace("_", "-")
-        if name == "ema_decay" and value == "off":
-            value = None
-        if name in same:
-            if value != same[name]:
-                conflicts.append(f"{_shown(flag, value)} (the run keeps {_shown(flag, same[name], bare=True)})")
-        elif name == "stages":
-            try:
-                stages = parse_stages(value, args.batch_size)
-            except ValueError:
-                stages = None
-            if stages != config.stages:
-                saved = " ".join(f"{s.size}:{s.epochs}:{s.batch_size}" for s in config.stages)
-                conflicts.append(f"--stages {' '.join(value)} (the run keeps {saved})")
-        elif name == "lr_drop":
-            try:
-                same_drop = parse_lr_drop(value) == (config.lr_drop_epochs, config.lr_drop_patience)
-            except ValueError:
-                same_drop = False
-            if not same_drop:
-                conflicts.append(f"--lr-drop {' '.join(value)} (the run keeps its own)")
-        elif name == "batch_size" and args.stages:
-            continue  # compared through --stages
-        else:
-            conflicts.append(f"{flag} (a resumed run keeps its saved {name.replace('_', ' ')})")
+def _option_conflict(row: options.Option, value, config: TrainConfig) -> str | None:
+    """A training option given on --resume, against the saved value."""
+    kept = row.saved(vars(config))
+    try:
+        mine = row.from_given(value)
+    except ValueError:  # e.g. a bad --lr-drop item: not the saved value either
+        return f"{row.flag} {' '.join(value)} (the run keeps {row.as_given(kept, bare=True)})"
+    return None if mine == kept else f"{row.as_given(mine)} (the run keeps {row.as_given(kept, bare=True)})"
+
+
+def _setting_conflict(name: str, value, config: TrainConfig) -> str | None:
+    """A run setting given on --resume (seed, stem, amp, compile, pretrained, device), against the saved value."""
+    kept, mine = getattr(config, name), value
+    if name == "device":
+        try:
+            mine = resolve_device(value)  # auto is the device it picks here
+        except ValueError:  # no such device here: not the saved one either
+            pass
+    elif name == "pretrained":
+        mine = str(value)
+    if mine == kept:
+        return None
+    typed = (flag_of(name) if value else f"--no-{name}") if isinstance(value, bool) else f"{flag_of(name)} {value}"
+    return f"{typed} (the run keeps {('on' if kept else 'off') if isinstance(kept, bool) else kept})"
+
+
+def _stage_conflicts(args, config: TrainConfig) -> list[str]:
+    """--stages, --epochs and --batch-size (the stages' default batch size) against the saved stages."""
+    given, kept = args.given, " ".join(f"{s.size}:{s.epochs}:{s.batch_size}" for s in config.stages)
+    conflicts = []
+    if "stages" in given:
+        try:
+            stages = parse_stages(given["stages"], args.batch_size)
+        except ValueError:
+            stages = None
+        if stages != config.stages:
+            conflicts.append(f"--stages {' '.join(given['stages'])} (the run keeps {kept})")
+    if "epochs" in given:
+        (first, *more) = config.stages
+        if more or (first.epochs, first.batch_size) != (given["epochs"], args.batch_size):
+            conflicts.append(f"--epochs {given['epochs']} (the run keeps {kept})")
+    if "batch_size" in given and not {"stages", "epochs"} & set(given):
+        batches = sorted({s.batch_size for s in config.stages})
+        if batches != [given["batch_size"]]:
+            conflicts.append(f"--batch-size {given['batch_size']} (the run keeps {', '.join(map(str, batches))})")
     return conflicts
 
 
-# TrainConfig fields set by a flag of the same name, and compared by value on --resume
-TRAINING_OPTIONS = ("recipe", "opt", "nesterov", "weight_decay", "label_smoothing", "sched", "min_lr", "warmup_epochs",
-                    "warmup_lr", "ema_decay", "ema_warmup")
+def resume_conflicts(args, config: TrainConfig) -> list[str]:
+    """The flags given with --resume that the resumed run cannot follow: a value other than the saved one (named
+    with the value the run keeps), or a flag that cannot apply to a resumed run. `args.given` tells what was typed,
+    so a flag given with its default's value is compared too."""
+    conflicts = [f"model {args.model} (the run trains {config.model})"] if args.model != config.model else []
+    for name, value in args.given.items():
+        if name in ("model", "resume", *STAGE_FLAGS, *RESUME_MAY_CHANGE):
+            continue
+        if name in options.OPTION:
+            conflicts.append(_option_conflict(options.OPTION[name], value, config))
+        elif name in RUN_SETTINGS:
+            conflicts.append(_setting_conflict(name, value, config))
+        else:
+            conflicts.append(f"{flag_of(name)} ({NOT_ON_RESUME.get(name, 'a resumed run keeps its saved settings')})")
+    conflicts = [c for c in conflicts if c is not None]
+    return conflicts + _stage_conflicts(args, config)
 
 
 def resolve_options(args) -> dict:
-    """The training options: the recipe's values, replaced by the flags given; checked by flag name."""
-    recipe = args.recipe or "report"
-    values = dict(RECIPES[recipe])
-    opt = args.opt or values["opt"]
-    if recipe == "modern" and opt == "adamw":
-        values.update(MODERN_ADAMW)
-    values["opt"] = opt
-    drop_epochs, patience = parse_lr_drop(args.lr_drop)
-    if args.lr_drop and args.sched is None:  # --lr-drop names its own schedule, over the recipe's
-        values["sched"] = "plateau" if patience is not None else "step"
-    for name in ("lr", "momentum", *TRAINING_OPTIONS[2:]):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    if values["ema_decay"] == "off":
-        values["ema_decay"] = None
-    if values["ema_decay"] is None and values["ema_warmup"]:
-        if args.ema_warmup:
-            raise RunError("--ema-warmup needs an EMA: give --ema-decay too")
-        values["ema_warmup"] = False  # the recipe's warmup of an EMA turned off
-    if opt == "adamw":
-        if args.momentum is not None:
-            raise RunError("--momentum is SGD's; --opt adamw uses its default betas (0.9, 0.999)")
-        if args.nesterov is None:
-            values["nesterov"] = False  # a recipe's Nesterov is SGD's
-    if values["sched"] != "cosine" and args.min_lr is not None:
-        raise RunError(f"--min-lr is where --sched cosine ends; this run's --sched is {values['sched']}")
-    check_numbers(values["lr"], values["momentum"], args.seed, weight_decay=values["weight_decay"],
-                  label_smoothing=values["label_smoothing"], ema_decay=values["ema_decay"],
-                  warmup_epochs=values["warmup_epochs"], warmup_lr=values["warmup_lr"], min_lr=values["min_lr"])
-    check_choices(recipe, opt, values["nesterov"], values["momentum"], values["sched"], drop_epochs, patience)
-    return {**values, "recipe": recipe, "lr_drop_epochs": drop_epochs, "lr_drop_patience": patience}
+    """The training options' values: the recipe's, replaced by the flags given; checked by flag name."""
+    return options.resolve({name: value for name, value in args.given.items() if name in options.OPTION})
 
 
 def resolve_config(args) -> tuple[TrainConfig, bool]:
     """The run's config, and whether it is a model's full preset recipe."""
     if args.model not in MODEL_NAMES:
         raise RunError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_NAMES)}")
-    options = resolve_options(args)
+    training = resolve_options(args)
+    check_seed(args.seed)
     if args.stages and args.epochs is not None:
         raise RunError("give --stages or --epochs, not both")
     if args.epochs is not None and args.epochs < 1:
@@ -294,7 +247,7 @@ def resolve_config(args) -> tuple[TrainConfig, bool]:
     config = TrainConfig(model=args.model, cache_dir=str(Path(cache).resolve()), cache_key=manifest["key"],
                          stages=stages, seed=args.seed, device=device,
                          amp=device.startswith("cuda") if args.amp is None else args.amp, compile=args.compile,
-                         stem=args.stem, pretrained=str(args.pretrained) if args.pretrained else None, **options)
+                         stem=args.stem, pretrained=str(args.pretrained) if args.pretrained else None, **training)
     return config, not (args.stages or args.epochs is not None)
 
 
@@ -375,9 +328,9 @@ def check_resume(args) -> TrainConfig:
     conflicts = resume_conflicts(args, config)
     if conflicts:
         raise RunError(f"--resume continues {run_dir} with its saved settings, but these flags would change "
-                       f"it: {'; '.join(conflicts)}. Drop them (with --resume only "
-                       f"{', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE)} may be given), "
-                       f"or start a new run")
+                       f"it: {'; '.join(conflicts)}. Drop them (with --resume a flag may repeat the run's "
+                       f"saved value, and {', '.join(map(flag_of, RESUME_MAY_CHANGE))} may change), or start a "
+                       f"new run")
     open_run_cache(config, run_dir)
     return config
 
