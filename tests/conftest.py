@@ -1,50 +1,17 @@
-"""Shared fixtures: tiny synthetic sources in each layout, written to tmp folders."""
+"""Fixtures shared by several test modules: tiny synthetic sources in each layout, and the tiny caches built from them.
+
+The caches are module-scoped on purpose: each module that asks for one builds it once (a few seconds each) and its
+tests share it; the helpers that write the images live in `tests.helpers`, which test modules import directly.
+"""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 
-REAL_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnmc-sample"
-# CI lays shared/ beside the clone; a developer's checkout has it at ../shared as well.
-if not REAL_SAMPLE.is_dir():
-    REAL_SAMPLE = Path(os.environ.get("CNMC_SAMPLE", "/nonexistent"))
-
-
-def synthetic_cell(rng: np.random.Generator, side: int, label: int) -> np.ndarray:
-    """A BGR uint8 blob on black: brighter and larger for label 1 (enough texture for CLAHE to matter)."""
-    img = np.zeros((side, side, 3), np.uint8)
-    radius = int(side * (0.3 if label else 0.2))
-    cv2.circle(img, (side // 2, side // 2), radius, (180, 120, 160) if label else (120, 90, 140), -1)
-    noise = rng.integers(0, 60, (side, side, 3), dtype=np.uint8)
-    return np.where(img > 0, cv2.add(img, noise), 0).astype(np.uint8)
-
-
-def write_images(folder: Path, names: list[str], label: int, side: int = 96, seed: int = 0) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for name in names:
-        path = folder / name
-        assert cv2.imwrite(str(path), synthetic_cell(rng, side, label))
-        paths.append(path)
-    return paths
-
-
-def cnmc_names(patients: list[str], per_patient: int, cls: str) -> list[str]:
-    return [f"UID_{p}_{i}_1_{cls}.bmp" for p in patients for i in range(1, per_patient + 1)]
-
-
-def patient_folders(root: Path, all_images: int, hem_images: int, side: int = 64) -> Path:
-    """all/ + hem/ folders with C-NMC names: 4 `all` patients x `all_images`, 3 `hem` patients x `hem_images`."""
-    for i, p in enumerate(["1", "2", "3", "4"]):
-        write_images(root / "all", [f"UID_{p}_{k}_1_all.bmp" for k in range(all_images)], 1, side=side, seed=i)
-    for i, p in enumerate(["H1", "H2", "H3"]):
-        write_images(root / "hem", [f"UID_{p}_{k}_1_hem.bmp" for k in range(hem_images)], 0, side=side, seed=9 + i)
-    return root
+from pipeline.build import BuildOptions, build
+from pipeline.config import PreprocessConfig
+from tests.helpers import SIZE, cnmc_names, patient_folders, write_images
 
 
 @pytest.fixture
@@ -66,3 +33,26 @@ def folder_source(tmp_path) -> Path:
     write_images(root / "all", [f"a{i}.bmp" for i in range(8)], 1, seed=1)
     write_images(root / "hem", [f"h{i}.bmp" for i in range(6)], 0, seed=2)
     return root
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """A cache of 60 train-ish images in shards of 7 (uneven, so blocks and shards do not line up), at `SIZE` px."""
+    root = tmp_path_factory.mktemp("loader")
+    patient_folders(root / "src", all_images=12, hem_images=10)
+    report = build(PreprocessConfig(shard_size=7), BuildOptions(sizes=(SIZE,), source=root / "src",
+                                                                cache_root=root / "cache", jobs=1, progress=False))
+    return report.cache_dir
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """A cache for tiny training runs: 4 `all` and 3 `hem` patients x 8 images, at 16 and 24 px.
+
+    Its name hides pytest's own `cache` fixture (which no test here uses); test_robust_build defines a
+    function-scoped `cache` of its own, which wins in that module."""
+    root = tmp_path_factory.mktemp("train")
+    patient_folders(root / "src", all_images=8, hem_images=8)
+    report = build(PreprocessConfig(), BuildOptions(sizes=(16, 24), source=root / "src", cache_root=root / "cache",
+                                                    jobs=1, progress=False))
+    return report.cache_dir

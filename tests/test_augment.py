@@ -12,7 +12,7 @@ from torchvision.transforms import InterpolationMode
 
 from pipeline.config import PreprocessConfig
 from pipeline.preprocess import enhance, preprocess_image
-from tests.conftest import REAL_SAMPLE, synthetic_cell
+from tests.helpers import REAL_SAMPLE, synthetic_cell
 from train.augment import OPS, AugConfig, AugParams, GpuAugment
 
 PIL_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)

@@ -17,7 +17,7 @@ from pipeline import store
 from pipeline.build import BuildError, BuildOptions, build, main
 from pipeline.cache import main as cache_main
 from pipeline.config import PreprocessConfig
-from tests.conftest import REAL_SAMPLE, write_images
+from tests.helpers import REAL_SAMPLE, write_images
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import pytest
 from pipeline.build import BuildOptions, build, key_lock
 from pipeline.cache import main
 from pipeline.config import PreprocessConfig
-from tests.conftest import patient_folders
+from tests.helpers import patient_folders
 
 
 def _tree(root: Path) -> set[str]:

@@ -1,28 +1,13 @@
 """CacheLoader: order, coverage, DDP partitions, resident/streaming equivalence, bounded windows, file handles."""
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from pipeline import store
-from pipeline.build import BuildOptions, build
 from pipeline.config import PreprocessConfig
 from train.data.loader import CacheLoader
-from tests.conftest import patient_folders
-
-SIZE = 16
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    """A cache of 60 train-ish images in shards of 7 (uneven, so blocks and shards do not line up)."""
-    root = tmp_path_factory.mktemp("loader")
-    patient_folders(root / "src", all_images=12, hem_images=10)
-    report = build(PreprocessConfig(shard_size=7), BuildOptions(sizes=(SIZE,), source=root / "src",
-                                                                cache_root=root / "cache", jobs=1, progress=False))
-    return report.cache_dir
+from tests.helpers import MODES, SIZE, open_h5_files
+from tests.train_helpers import collect
 
 
 def all_images(cache_dir, split="train") -> np.ndarray:
@@ -31,18 +16,6 @@ def all_images(cache_dir, split="train") -> np.ndarray:
     out = np.empty((reader.count(SIZE, split), g, g, 3), np.uint8)
     reader.read_images_into(SIZE, split, out)
     return out
-
-
-def collect(loader):
-    xs, ys = zip(*list(loader))
-    sizes = [len(y) for y in ys]
-    assert all(n == loader.batch_size for n in sizes[:-1]) and 0 < sizes[-1] <= loader.batch_size
-    if loader.train:
-        assert sizes[-1] == loader.batch_size  # drop_last
-    return torch.cat(xs).permute(0, 2, 3, 1).numpy(), torch.cat(ys).numpy()
-
-
-MODES = [dict(mode="resident"), dict(mode="streaming", block_images=3, memory_budget_bytes=3 * 10 * 26 * 26 * 3)]
 
 
 @pytest.mark.parametrize("kw", MODES, ids=["resident", "streaming"])
@@ -106,19 +79,6 @@ def test_streaming_windows_respect_the_memory_budget(cache_dir):
     assert 3 * max(sum(len(b) for b in w) for w in windows) * image_bytes <= budget
 
 
-def _open_h5() -> list[str]:
-    fds = Path("/proc/self/fd")
-    if not fds.is_dir():
-        pytest.skip("needs /proc")
-    names = []
-    for fd in fds.iterdir():
-        try:
-            names.append(os.readlink(fd))
-        except OSError:
-            pass
-    return [n for n in names if n.endswith(".h5")]
-
-
 @pytest.mark.parametrize("kw", MODES, ids=["resident", "streaming"])
 def test_no_file_stays_open_even_after_an_early_break(cache_dir, kw):
     loader = CacheLoader(cache_dir, SIZE, "train", 4, train=True, **kw)
@@ -127,9 +87,9 @@ def test_no_file_stays_open_even_after_an_early_break(cache_dir, kw):
             break
     import gc
     gc.collect()
-    assert _open_h5() == []
+    assert open_h5_files() == []
     collect(loader)  # and it iterates again from the start
-    assert _open_h5() == []
+    assert open_h5_files() == []
 
 
 def test_errors_name_the_value(cache_dir):

@@ -1,11 +1,11 @@
 """The training loop's per-step path: no host reads per step, truthful timing shares, no eval recompile."""
 import torch
 import torch._dynamo.testing
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import build_model
 from pipeline import store
-from tests.test_loader import SIZE, cache_dir  # noqa: F401 (fixture)
+from tests.helpers import SIZE
+from tests.train_helpers import CountReads
 from train.augment import GpuAugment
 from train.engine.distributed import Dist
 from train.data.loader import CacheLoader
@@ -13,19 +13,6 @@ from train.engine.loop import Precision, predict, train_one_epoch
 from train.engine.timing import EpochTimer
 
 CPU = torch.device("cpu")
-
-
-class CountReads(TorchDispatchMode):
-    """Counts reads of a tensor's value by the host (`.item()`, `float(t)`, `bool(t)`...)."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in ("_local_scalar_dense", "is_nonzero", "nonzero", "equal"):
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _tiny_model():

@@ -17,7 +17,7 @@ from pipeline.store import CacheReader
 from train.evaluation import predictor as predict_mod
 from train.predict import main
 from train.run import main as run_main
-from tests.conftest import REAL_SAMPLE, patient_folders, synthetic_cell
+from tests.helpers import REAL_SAMPLE, patient_folders, synthetic_cell
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.config import PreprocessConfig
 from pipeline.preprocess import ImageError, preprocess_file, preprocess_image, read_bgr
-from tests.conftest import REAL_SAMPLE, synthetic_cell
+from tests.helpers import REAL_SAMPLE, synthetic_cell
 
 
 def reference_enhance(bgr, clip=3.0, tiles=9, sigma=3.0, strength=1.5):

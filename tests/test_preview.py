@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.build import BuildOptions, build
 from pipeline.config import PreprocessConfig
-from tests.conftest import REAL_SAMPLE, patient_folders
+from tests.helpers import REAL_SAMPLE, patient_folders
 from train.augment.preview import CELL_IN, COLUMNS, DPI, preview
 from train.preview import main
 

@@ -22,7 +22,7 @@ from pipeline import store
 from pipeline.build import BuildError, BuildOptions, StorageError, build, main
 from pipeline.cache import main as cache_main
 from pipeline.config import PreprocessConfig
-from tests.conftest import write_images
+from tests.helpers import write_images
 
 ROOT = Path(__file__).resolve().parents[1]
 

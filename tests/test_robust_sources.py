@@ -14,7 +14,7 @@ from pipeline.config import MAX_SIZE_PX, PreprocessConfig
 from pipeline.preprocess import ImageError, preprocess_image, read_bgr
 from pipeline.sources import Item, Skipped, SourceError, discover
 from pipeline.split import assign_splits
-from tests.conftest import cnmc_names, patient_folders, write_images
+from tests.helpers import cnmc_names, patient_folders, write_images
 
 
 def labels_source(root: Path, labels: list, name: str = "labels.csv") -> Path:

@@ -16,7 +16,7 @@ from train.engine import checkpoint as ckpt
 from train.compare import main as compare_main
 from train.experiment.session import find_cache
 from train.run import main
-from tests.test_train import ROOT, cache, common  # noqa: F401 (fixture)
+from tests.helpers import ROOT, common
 
 STAGES = ["--stages", "16:3", "24:2", "--seed", "1"]
 RESULT_KEYS = ("best_valid_acc", "test_acc", "test_f1_weighted", "checkpoint_epoch", "checkpoint_size", "epochs")

@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from pipeline.sources import SourceError, detect_layout, discover, patient_of
-from tests.conftest import REAL_SAMPLE, cnmc_names, write_images
+from tests.helpers import REAL_SAMPLE, cnmc_names, write_images
 
 
 @pytest.mark.parametrize("name,patient", [

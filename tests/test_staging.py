@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_loader import MODES, SIZE, _open_h5, cache_dir, collect  # noqa: F401 (fixture)
+from tests.helpers import MODES, SIZE, open_h5_files
+from tests.train_helpers import collect
 from train.data.loader import STAGING_BUFFERS, CacheLoader
 from train.data.staging import Staging
 
@@ -45,7 +46,7 @@ def test_staged_batches_survive_buffer_reuse_and_early_stop(cache_dir, kw):
         if i == 1:
             break
     gc.collect()
-    assert threading.active_count() <= before and _open_h5() == []
+    assert threading.active_count() <= before and open_h5_files() == []
 
 
 def test_a_producer_error_reaches_the_consumer(cache_dir):

@@ -19,18 +19,7 @@ from train.engine.config import Stage, TrainConfig
 from train.evaluation.evaluator import evaluate_run
 from train.experiment.session import RunError, check_cpu_recipe
 from train.run import main
-from tests.conftest import REAL_SAMPLE, patient_folders
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train")
-    patient_folders(root / "src", all_images=8, hem_images=8)
-    report = build(PreprocessConfig(), BuildOptions(sizes=(16, 24), source=root / "src", cache_root=root / "cache",
-                                                    jobs=1, progress=False))
-    return report.cache_dir
+from tests.helpers import REAL_SAMPLE, ROOT, common
 
 
 def run(args, capsys=None) -> Path:
@@ -38,10 +27,6 @@ def run(args, capsys=None) -> Path:
     if capsys is not None:
         return Path(capsys.readouterr().out.strip().splitlines()[-1])
     return None
-
-
-def common(cache, out):
-    return ["--cache", str(cache), "--out", str(out), "--batch-size", "4"]
 
 
 def test_a_run_writes_every_report(cache, tmp_path, capsys):
@@ -82,7 +67,7 @@ def test_a_run_writes_every_report(cache, tmp_path, capsys):
 
 def test_the_next_stage_starts_from_the_best_valid_weights(cache, tmp_path, monkeypatch):
     seen = {}
-    original = trainer_mod.Trainer._start_stage
+    original = trainer_mod.Trainer.start_stage
 
     def spy(self, index):
         original(self, index)
@@ -90,7 +75,7 @@ def test_the_next_stage_starts_from_the_best_valid_weights(cache, tmp_path, monk
         best = ckpt.load(self.run_dir / "best.pt")
         seen["best_epoch"] = best["epoch"]
         seen["equal"] = all(torch.equal(v, best["model"][k]) for k, v in self.net.state_dict().items())
-    monkeypatch.setattr(trainer_mod.Trainer, "_start_stage", spy)
+    monkeypatch.setattr(trainer_mod.Trainer, "start_stage", spy)
     run(["resnet18", "--stages", "16:4", "24:1", "--seed", "3"] + common(cache, tmp_path))
     (run_dir,) = tmp_path.iterdir()
     metrics = pd.read_csv(run_dir / "metrics.csv")

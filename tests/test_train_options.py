@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from models import build_model
 from pipeline import store
 from pipeline.store import CacheReader
-from tests.test_loader import SIZE, cache_dir  # noqa: F401 (fixture)
-from tests.test_loop import CountReads
-from tests.test_train import cache, common  # noqa: F401 (fixture)
+from tests.helpers import SIZE, common
+from tests.train_helpers import CountReads
 from train.engine import checkpoint as ckpt
 from train.engine import loop as loop_mod
 from train.engine import trainer as trainer_mod
@@ -209,7 +208,7 @@ def test_ema_warmup_follows_timms_formula_and_ends_at_the_decay():
 
 def test_ema_weights_are_what_validation_measures_and_best_pt_holds(cache, tmp_path, capsys, monkeypatch):
     seen = {"raw": {}, "ema": {}, "smoothing": set()}
-    after_epoch, start_stage, one_epoch = (trainer_mod.Trainer._after_epoch, trainer_mod.Trainer._start_stage,
+    after_epoch, start_stage, one_epoch = (trainer_mod.Trainer._after_epoch, trainer_mod.Trainer.start_stage,
                                            trainer_mod.train_one_epoch)
 
     def record(self, epoch, *rest):
@@ -227,7 +226,7 @@ def test_ema_weights_are_what_validation_measures_and_best_pt_holds(cache, tmp_p
         seen["smoothing"].add(kwargs["label_smoothing"])
         return one_epoch(*args, **kwargs)
     monkeypatch.setattr(trainer_mod.Trainer, "_after_epoch", record)
-    monkeypatch.setattr(trainer_mod.Trainer, "_start_stage", check_start)
+    monkeypatch.setattr(trainer_mod.Trainer, "start_stage", check_start)
     monkeypatch.setattr(trainer_mod, "train_one_epoch", spy_epoch)
     run_dir = run(["resnet18", "--stages", "16:3", "24:1", "--ema-decay", "0.9", "--label-smoothing", "0.2",
                    "--seed", "2"] + common(cache, tmp_path), capsys)
@@ -260,7 +259,7 @@ def test_ema_weights_are_what_validation_measures_and_best_pt_holds(cache, tmp_p
     assert summary["best_valid_acc"] == pytest.approx(logged["valid_acc"], abs=1e-6)
 
 
-def test_an_epoch_with_every_option_reads_nothing_back_per_step(cache_dir):  # noqa: F811
+def test_an_epoch_with_every_option_reads_nothing_back_per_step(cache_dir):
     def epoch(batch_size, with_options):
         torch.manual_seed(0)
         model = _bn_model()

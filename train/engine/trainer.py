@@ -275,7 +275,7 @@ class Trainer:
             index = cfg.stage_of(epoch)
             stage = cfg.stages[index]
             if epoch == cfg.stage_start(index) and index > 0:
-                self._start_stage(index)
+                self.start_stage(index)
             if epoch + 1 in cfg.lr_drop_epochs:
                 self.state.lr /= 10
             train_loader = valid_loader = augment = None  # no reference to the last stage's data while switching
@@ -315,7 +315,7 @@ class Trainer:
                 f"here and nothing of this epoch was saved. Start again with a lower --lr (last.pt holds the epoch "
                 f"before, for --resume), or check the cache with python -m pipeline.cache verify")
 
-    def _start_stage(self, index: int) -> None:
+    def start_stage(self, index: int) -> None:
         if self.best_weights is not None:
             self.net.load_state_dict(self.best_weights)
         else:  # resumed from a version 1 checkpoint exactly at a stage boundary: the previous stage's best is on disk
