@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_loader import MODES, SIZE, SPLITS, cache_dir, row_of, source, subset  # noqa: F401 (fixture)
 from train.data.loader import CacheLoader
 from train.data.plan import BlockOrder, EpochPlan, RowOrder, Window
 from train.data.rows import SourceShard, plan_blocks
+from tests.helpers import MODES, SIZE, SPLITS, row_of, source, subset
 
 
 def _loaders(cache_dir, kw, train, world_size, rows, batch_size=4, epoch=1):

@@ -6,16 +6,8 @@ import torch
 from pipeline import store
 from pipeline.config import PreprocessConfig
 from train.data.loader import CacheLoader
-from tests.helpers import MODES, SIZE, open_h5_files
+from tests.helpers import MODES, SIZE, SPLITS, all_images, open_h5_files, row_of, source, subset
 from tests.train_helpers import collect
-
-
-def all_images(cache_dir, split="train") -> np.ndarray:
-    reader = store.CacheReader(cache_dir)
-    g = PreprocessConfig().geometry(SIZE).stored_size
-    out = np.empty((reader.count(SIZE, split), g, g, 3), np.uint8)
-    reader.read_images_into(SIZE, split, out)
-    return out
 
 
 @pytest.mark.parametrize("kw", MODES, ids=["resident", "streaming"])
@@ -138,35 +130,6 @@ def test_the_benchmarks_training_steps_run(cache_dir):
 
 
 # ---------------------------------------------------------------------- subsets of rows, across splits
-
-SPLITS = ("train", "valid")
-
-
-def source(cache_dir, splits=SPLITS) -> tuple[np.ndarray, dict]:
-    """Images and metadata of `splits` concatenated (global source order), read directly from the shards."""
-    reader = store.CacheReader(cache_dir)
-    metas = [reader.read_meta(SIZE, s) for s in splits]
-    meta = {k: np.concatenate([m[k] for m in metas]) for k in ("labels", "paths", "patients")}
-    return np.concatenate([all_images(cache_dir, s) for s in splits]), meta
-
-
-def subset(cache_dir) -> np.ndarray:
-    """30 of the 56 train + valid rows, in shuffled order: every row of train shard 1, none of train shard 3, the
-    last valid row (a one-row shard), rows 0 and 2 but not 1 and 34 and 36 but not 35 (holes inside 3-row blocks:
-    read, then dropped) and 18 scattered others, so blocks are whole, trimmed, holed, and left out."""
-    total = sum(store.CacheReader(cache_dir).count(SIZE, s) for s in SPLITS)
-    rng = np.random.default_rng(7)
-    fixed = np.r_[0, 2, 7:14, 34, 36, total - 1]
-    others = np.setdiff1d(np.arange(3, total - 1), np.r_[7:14, 21:28, 33:38])
-    return rng.permutation(np.r_[fixed, rng.choice(others, 30 - len(fixed), replace=False)])
-
-
-def row_of(images: np.ndarray, source_images: np.ndarray) -> np.ndarray:
-    """The global source row of each image, by content (the fixture's images are all different)."""
-    where = {im.tobytes(): i for i, im in enumerate(source_images)}
-    assert len(where) == len(source_images)
-    return np.array([where[im.tobytes()] for im in images])
-
 
 def staged(loader: CacheLoader, on: bool) -> CacheLoader:
     loader.use_staging = on  # the CUDA staging protocol, run on the CPU (as tests/test_staging.py does)
