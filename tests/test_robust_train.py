@@ -141,7 +141,7 @@ def test_a_diverging_loss_stops_the_run_and_is_never_a_result(cache, tmp_path, c
     assert "loss became" in err and "at lr 1e+30" in err and "nothing of this epoch was saved" in err
     (run_dir,) = tmp_path.iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "failed" and "TrainingDiverged" in summary["error"] and "test_acc" not in summary
+    assert summary["status"] == "failed" and "TrainingDiverged" in summary["error"] and summary["test_acc"] is None
     assert not (run_dir / "best.pt").exists()  # the diverged epoch saved nothing
     assert compare_main([str(run_dir), "--out", str(tmp_path / "c.png")]) == 2  # nothing to compare
     assert "skipped" in capsys.readouterr().err

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         table = compare(args.runs, args.out)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:  # a folder that is none of ours; RunFolderError: a damaged file
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(table)

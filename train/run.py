@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from train.engine.distributed import Dist, broadcast_object, setup, teardown
+from train.engine.run_folder import RunFolder
 from train.evaluation.report import result_line
 from train.experiment.session import (USER_ERRORS, check_cpu_recipe, check_resume, new_run_dir, parse_args,
                                       resolve_config, train_and_evaluate)
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the last finished epoch is in last.pt; say how to go on, not a traceback
         if dist.is_main:
-            resumable = run_dir is not None and (Path(run_dir) / "last.pt").is_file()
+            resumable = run_dir is not None and RunFolder(run_dir).last.is_file()
             print("\ninterrupted" + (f"; continue with python -m train.run {args.model} --resume {run_dir}"
                                       if resumable else " before the first epoch ended: nothing to resume"),
                   file=sys.stderr)

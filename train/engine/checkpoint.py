@@ -8,7 +8,11 @@ from pathlib import Path
 
 import torch
 
-CHECKPOINT_VERSION = 2  # 2: last.pt carries the stage's best weights too (`best_model`)
+# The checkpoint format, saved as `version` and read back by `load`, which refuses a version it does not know.
+# 1: best.pt alone holds the stage's best weights. 2: last.pt carries them too (`best_model`, None when they are the
+# epoch's own), so resume needs last.pt only. A checkpoint without `version` is read as version 1.
+CHECKPOINT_VERSION = 2
+KNOWN_VERSIONS = (1, 2)
 # Fault injection for the kill tests only: "<name>@<epoch>" (e.g. "best.pt@3") makes the process SIGKILL itself right
 # after writing that file for that (1-based) epoch; "<name>.tmp@<epoch>" right before renaming it into place.
 KILL_AT_ENV = "CNMC_TEST_KILL_AT"
@@ -52,12 +56,32 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
 
 
 def load(path: Path) -> dict:
+    """A checkpoint, loaded weights_only; refused (CheckpointError naming the file) when missing, unsafe, damaged, or
+    of a format version this code does not know."""
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # several exception types for unsafe or damaged files
         raise CheckpointError(f"{path}: cannot be loaded safely ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint of python -m train.run (it holds a {type(state).__name__})")
+    check_version(state, path)
+    return state
+
+
+def version_of(state: dict) -> int:
+    """The format version of a loaded checkpoint (1 when it has none)."""
+    return state.get("version", 1)
+
+
+def check_version(state: dict, path: Path) -> None:
+    version = version_of(state)
+    if type(version) is not int or version not in KNOWN_VERSIONS:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version!r}, which this code does not know (it reads versions "
+            f"{', '.join(map(str, KNOWN_VERSIONS))}); it was written by another version of cnmc-pipeline: use that "
+            f"version to evaluate or resume it, or start a new run")
 
 
 def check_compatible(state: dict, model: str, cache_key: str, path: Path) -> None:

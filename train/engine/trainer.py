@@ -14,8 +14,6 @@ train.evaluate and anything else reading best.pt's `model` gets them), and the r
 """
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import platform
@@ -24,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from models import build_model
 from pipeline.store import CacheReader
 from train.engine import checkpoint as ckpt
+from train.engine import run_folder as rf
 from train.augment import GpuAugment
 from train.engine.config import TrainConfig
 from train.engine.distributed import Dist
@@ -51,13 +49,14 @@ class TrainingDiverged(RuntimeError):
     """The loss stopped being a number; nothing of the failing epoch was saved."""
 
 
-METRIC_COLUMNS = ["epoch", "stage", "size", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "epoch_s",
-                  "imgs_per_s", "data_wait", "augment_share"]
+# The checkpoint key of ScheduleState, named before the class was (checkpoints of every version carry it).
+SCHEDULE_KEY = "progress"
 
 
 @dataclass
-class Progress:
-    """What the schedule needs to continue exactly: saved in every checkpoint."""
+class ScheduleState:
+    """What the schedule needs to continue exactly - the lr level, the stage's best epoch and the plateau counter -
+    saved in every checkpoint (under SCHEDULE_KEY)."""
     epoch: int = -1  # last finished global epoch, 0-based
     lr: float = 0.0  # the step/plateau level: base lr / 10 per drop so far (warmup and cosine are computed from it)
     best_acc: float = -1.0  # best valid accuracy of the current stage
@@ -129,7 +128,8 @@ class Trainer:
             self.eval_model = torch.compile(self.eval_model, **COMPILE_OPTIONS) if self.ema else self.model
         self.schedule = Schedule.from_config(self.config)
         self.optimizer = self._new_optimizer(self.config.lr)
-        self.state = Progress(lr=self.config.lr)
+        self.folder = rf.RunFolder(self.run_dir)
+        self.state = ScheduleState(lr=self.config.lr)
         self.best_weights: dict | None = None  # best-valid weights of the current stage, on the CPU
         self._stage_cache: dict[int, tuple] = {}
 
@@ -173,7 +173,7 @@ class Trainer:
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
             "epoch": self.state.epoch,
             "stage": stage,
-            "progress": self.state.as_dict(),
+            SCHEDULE_KEY: self.state.as_dict(),
             "rng": rng_states(self.device),
             "config": self.config.as_dict(),
         }
@@ -197,21 +197,13 @@ class Trainer:
     # ------------------------------------------------------------------ files
 
     def write_config(self) -> None:
+        """config.json, before the first epoch: what train.evaluate, train.predict and --resume read back."""
         data = {"config": self.config.as_dict(),
                 "preprocess": preprocess_record(self.reader.manifest, [s.size for s in self.config.stages]),
                 "versions": library_versions(),
                 "world_size": self.dist.world_size,
                 "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"}
-        (self.run_dir / "config.json").write_text(json.dumps(data, indent=2) + "\n")
-
-    def _append_metrics(self, row: dict) -> None:
-        path = self.run_dir / "metrics.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, METRIC_COLUMNS)
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        rf.write_config(self.run_dir, data)
 
     # ------------------------------------------------------------------ resume
 
@@ -220,7 +212,7 @@ class Trainer:
         schedule level and plateau counter (warmup and cosine follow from the epoch), RNG, the stage's best
         weights; metrics after it are dropped, a half-written checkpoint is deleted, and best.pt is rewritten if it
         disagrees with last.pt."""
-        path = self.run_dir / "last.pt"
+        path = self.folder.last
         for leftover in ckpt.remove_leftovers(self.run_dir) if self.dist.is_main else []:
             log.info("removed %s, left by an interrupted checkpoint write", leftover.name)
         state = self._load_checkpoint(path)
@@ -228,25 +220,26 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.precision.scaler is not None and state["scaler"] is not None:
             self.precision.scaler.load_state_dict(state["scaler"])
-        self.state = Progress(**state["progress"])
+        self.state = ScheduleState(**state[SCHEDULE_KEY])
         torch.set_rng_state(state["rng"]["torch"])
         self._restore_best(state)
         if self.dist.is_main:
-            metrics = self.run_dir / "metrics.csv"
-            if metrics.exists():
-                table = pd.read_csv(metrics)
-                table[table["epoch"] <= self.state.epoch + 1].to_csv(metrics, index=False)
+            rf.truncate_metrics(self.run_dir, self.state.epoch + 1)
 
     def _restore_best(self, last: dict) -> None:
-        """The stage's best weights from last.pt, and best.pt made to match them."""
+        """The stage's best weights from last.pt (version 2) or best.pt (version 1), and best.pt made to match."""
         if self.state.best_epoch < 0:  # no epoch of this stage finished yet
             return
         if self.state.best_epoch == self.state.epoch:
             self.best_weights = ckpt.cpu_copy(last["model"])
-        elif last.get("best_model") is not None:
+        elif ckpt.version_of(last) >= 2:
+            if last.get("best_model") is None:
+                raise ckpt.CheckpointError(
+                    f"{self.folder.last}: a version {ckpt.version_of(last)} checkpoint without the stage's best "
+                    f"weights (`best_model`, epoch {self.state.best_epoch + 1}); the file is damaged: start a new run")
             self.best_weights = last["best_model"]
-        else:  # a version 1 checkpoint: the best weights are in best.pt only
-            best = ckpt.load(self.run_dir / "best.pt")
+        else:  # version 1: the best weights are in best.pt only
+            best = ckpt.load(self.folder.best)
             if best["epoch"] != self.state.best_epoch:
                 raise ckpt.CheckpointError(
                     f"{self.run_dir}: last.pt records the best epoch {self.state.best_epoch + 1}, but best.pt holds "
@@ -254,7 +247,7 @@ class Trainer:
                     f"new run")
             self.best_weights = best["model"]
             return
-        best_path = self.run_dir / "best.pt"
+        best_path = self.folder.best
         on_disk = ckpt.load(best_path) if best_path.is_file() else None
         if on_disk is None or on_disk["epoch"] != self.state.best_epoch or on_disk["stage"] != last["stage"]:
             if self.dist.is_main:
@@ -263,7 +256,7 @@ class Trainer:
                          self.state.best_epoch + 1)
                 best_state = {**self._checkpoint_state(last["stage"]), "model": self.best_weights,
                               "train_model": None, "ema_updates": None, "epoch": self.state.best_epoch,
-                              "progress": {**self.state.as_dict(), "epoch": self.state.best_epoch}}
+                              SCHEDULE_KEY: {**self.state.as_dict(), "epoch": self.state.best_epoch}}
                 ckpt.save(ckpt.cpu_copy(best_state), best_path)
 
     # ------------------------------------------------------------------ the run
@@ -319,7 +312,7 @@ class Trainer:
         if self.best_weights is not None:
             self.net.load_state_dict(self.best_weights)
         else:  # resumed from a version 1 checkpoint exactly at a stage boundary: the previous stage's best is on disk
-            self.net.load_state_dict(self._load_checkpoint(self.run_dir / "best.pt")["model"])
+            self.net.load_state_dict(self._load_checkpoint(self.folder.best)["model"])
         if self.ema is not None:
             self.ema.restart()  # the EMA of the new stage starts from the weights it starts from
         log.info("stage %d: %d px, starting from the best-valid weights of the stage before (epoch %d, acc %.4f)",
@@ -327,7 +320,7 @@ class Trainer:
         self.optimizer = self._new_optimizer(self.config.lr)
         if self.precision.scaler is not None:
             self.precision.scaler = torch.amp.GradScaler("cuda")
-        self.state = Progress(epoch=self.state.epoch, lr=self.config.lr)
+        self.state = ScheduleState(epoch=self.state.epoch, lr=self.config.lr)
         self.best_weights = None
 
     def _after_epoch(self, epoch: int, index: int, size: int, lr: float, stats, valid_loss: float,
@@ -350,9 +343,9 @@ class Trainer:
         if self.dist.is_main:
             state = self._checkpoint_state(index, with_best=True)
             # best.pt first: a kill between the two writes leaves best.pt ahead of last.pt, which resume repairs
-            items = ([(state, self.run_dir / "best.pt")] if improved else []) + [(state, self.run_dir / "last.pt")]
+            items = ([(state, self.folder.best)] if improved else []) + [(state, self.folder.last)]
             self.writer.submit(items)
-            self._append_metrics({
+            rf.append_metrics(self.run_dir, {
                 "epoch": epoch + 1, "stage": index + 1, "size": size, "lr": lr,
                 "train_loss": round(stats.loss, 6), "train_acc": round(stats.acc, 6),
                 "valid_loss": round(valid_loss, 6), "valid_acc": round(valid_acc, 6),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from train.engine import run_folder as rf
 from train.evaluation.report import plot_compare
 
 
@@ -26,14 +27,12 @@ def _pm(stat: dict, digits=4) -> str:
 
 def _label(model: str, run_dir: Path) -> str:
     """`model` with its --recipe, which is what a comparison of recipes must tell apart."""
-    config = run_dir / "config.json"
-    recipe = json.loads(config.read_text())["config"].get("recipe") if config.is_file() else None
-    return f"{model} ({recipe})" if recipe else model
+    return f"{model} ({rf.read_run_config(run_dir).recipe})"
 
 
 def _cv_row(cv_dir: Path) -> tuple[str, tuple[str, pd.DataFrame]]:
-    summary = json.loads((cv_dir / "cv_summary.json").read_text())
-    metrics = pd.concat([pd.read_csv(cv_dir / f["run_dir"] / "metrics.csv") for f in summary["folds"]])
+    summary = json.loads((cv_dir / rf.CV_SUMMARY).read_text())
+    metrics = pd.concat([rf.read_metrics(cv_dir / f["run_dir"]) for f in summary["folds"]])
     mean_curve = metrics.groupby("epoch", as_index=False)["valid_acc"].mean()
     scheme = " (Kaggle folds)" if summary.get("scheme") == "kaggle" else ""
     name = f"{_label(summary['model'], cv_dir / summary['folds'][0]['run_dir'])} {summary['k']}-fold CV{scheme}"
@@ -45,36 +44,36 @@ def _cv_row(cv_dir: Path) -> tuple[str, tuple[str, pd.DataFrame]]:
 def compare(run_dirs: list[Path], out: Path) -> str:
     rows, curves = [], []
     for run in run_dirs:
-        if (run / "cv_summary.json").is_file():
+        if (run / rf.CV_SUMMARY).is_file():
             row, curve = _cv_row(run)
             rows.append(row)
             curves.append(curve)
             continue
-        if (run / "cv.json").is_file():
+        if rf.is_cv_folder(run):
             print(f"skipped {run}: the cross-validation has not finished (continue it with python -m train.cv "
                   f"MODEL --resume {run})", file=sys.stderr)
             continue
-        summary_path, metrics_path = run / "summary.json", run / "metrics.csv"
-        if not summary_path.is_file():
-            if not (run / "config.json").is_file():
+        folder = rf.RunFolder(run)
+        summary = rf.read_summary(run)
+        if summary is None:
+            if not folder.config.is_file():
                 raise FileNotFoundError(f"{run}: neither a run folder (train.run) nor a cross-validation folder "
                                         f"(train.cv)")
-            print(f"skipped {run}: the run has not finished (no summary.json); continue it with python -m "
+            print(f"skipped {run}: the run has not finished (no {rf.SUMMARY}); continue it with python -m "
                   f"train.run MODEL --resume {run}", file=sys.stderr)
             continue
-        summary = json.loads(summary_path.read_text())
-        status = summary.get("status", "complete")
-        if status == "unfinished":  # evaluated before its last epoch: not a result of its recipe
+        status = summary["status"]
+        if status == rf.UNFINISHED:  # evaluated before its last epoch: not a result of its recipe
             print(f"skipped {run}: evaluated after {summary.get('epochs')} epochs, before the run finished; "
                   f"continue it with python -m train.run MODEL --resume {run}", file=sys.stderr)
             continue
-        if status != "complete":  # a failed run holds no result to compare
-            print(f"skipped {run}: the run {status} ({summary.get('error', 'no reason recorded')})",
+        if status != rf.COMPLETE:  # a failed run holds no result to compare
+            print(f"skipped {run}: the run {status} ({summary.get('error') or 'no reason recorded'})",
                   file=sys.stderr)
             continue
-        if not metrics_path.is_file():
-            raise FileNotFoundError(f"{run}: no metrics.csv beside its summary.json")
-        metrics = pd.read_csv(metrics_path)
+        if not folder.metrics.is_file():
+            raise FileNotFoundError(f"{run}: no {rf.METRICS} beside its {rf.SUMMARY}")
+        metrics = rf.read_metrics(run)
         label = _label(summary["model"], run)
         curves.append((f"{label} {run.name}", metrics))
         rows.append(f"| {label} | {run.name} | {_fmt(summary['best_valid_acc'])} | "

@@ -3,7 +3,6 @@ checkpoint (best.pt by default, loaded weights_only) at the size it was trained 
 does the end of every training run."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -14,26 +13,18 @@ import torch
 from models import build_model
 from pipeline.store import MANIFEST, CacheReader
 from train.engine import checkpoint as ckpt
+from train.engine import run_folder as rf
 from train.augment import GpuAugment
 from train.engine.config import TrainConfig
 from train.engine.distributed import Dist
 from train.engine.loop import Precision, predict
+from train.engine.run_folder import read_run_config
 from train.data.loader import loader_for
 from train.evaluation.metrics import classification_report, patient_summary, patient_table
-from train.evaluation.report import plot_confusion, plot_curves, split_result_lines, write_predictions, write_table
+from train.evaluation.report import plot_confusion, plot_curves, write_predictions, write_table
 from train.evaluation.tta import DihedralTTA
 
 log = logging.getLogger(__name__)
-
-
-def read_run_config(run_dir: Path) -> TrainConfig:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        if (run_dir / "cv.json").is_file():
-            raise FileNotFoundError(f"{run_dir} is a cross-validation folder (train.cv); pass one of its runs, e.g. "
-                                    f"{run_dir / 'fold-0'}")
-        raise FileNotFoundError(f"{run_dir}: no config.json; is it a run folder made by python -m train.run?")
-    return TrainConfig.from_dict(json.loads(path.read_text())["config"])
 
 
 def open_run_cache(config: TrainConfig, run_dir: Path) -> CacheReader:
@@ -51,7 +42,7 @@ def _nan_to_none(value):
 
 
 def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = None, dist: Dist = Dist(),
-                 batch_size: int | None = None, checkpoint: str = "best.pt", tta: bool = False,
+                 batch_size: int | None = None, checkpoint: str = rf.BEST, tta: bool = False,
                  strict: bool = False) -> dict:
     """Evaluate `checkpoint` of a run on `splits`; rank 0 writes the reports. Returns the summary.
 
@@ -59,9 +50,10 @@ def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = N
     named) refused before anything is written. With `tta` each split is also evaluated on the mean softmax over the
     8 dihedral views of the centre crop; the summary keeps both (`splits` plain, `tta` beside it)."""
     run_dir = Path(run_dir)
+    folder = rf.RunFolder(run_dir)
     config = read_run_config(run_dir)
-    state = ckpt.load(run_dir / checkpoint)
-    ckpt.check_compatible(state, config.model, config.cache_key, run_dir / checkpoint)
+    state = ckpt.load(folder.checkpoint(checkpoint))
+    ckpt.check_compatible(state, config.model, config.cache_key, folder.checkpoint(checkpoint))
     reader = open_run_cache(config, run_dir)
     unknown = [split for split in splits if split not in reader.manifest["splits"]]
     if strict and unknown:
@@ -77,6 +69,10 @@ def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = N
     model.to(dev, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
     augment = GpuAugment.from_manifest(reader.manifest, stage.size).to(dev)
     class_names = tuple(reader.manifest.get("classes", ("hem", "all")))
+    if "all" not in class_names:
+        raise ValueError(f"the run's cache {config.cache_dir} names its classes {', '.join(class_names)}, none of "
+                         f"them `all`; the reports give the probability of `all`: use a C-NMC cache")
+    all_index = class_names.index("all")  # the model's output column of `all`, as the predictor finds it
     results, tta_results, patients = {}, {}, {}
     for split in splits:
         if split not in reader.manifest["splits"]:
@@ -93,60 +89,57 @@ def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = N
             tta_probs, _ = predict(DihedralTTA(model), loader, augment, precision, dev, dist)
             tta_results[split] = classification_report(labels, tta_probs.argmax(1), class_names) \
                 if labelled else None
-        table = patient_table(loader.patients, probs[:, 1], labels if labelled else None)
+        table = patient_table(loader.patients, probs[:, all_index], labels if labelled else None)
         patients[split] = patient_summary(table)
         if not dist.is_main:
             continue
-        write_predictions(loader.paths, probs[:, 1], run_dir / f"predictions_{split}.csv", patients=loader.patients,
-                          probs_all_tta=None if tta_probs is None else tta_probs[:, 1])
-        write_table(table, run_dir / f"patients_{split}.csv")
+        write_predictions(loader.paths, probs[:, all_index], folder.predictions(split), patients=loader.patients,
+                          probs_all_tta=None if tta_probs is None else tta_probs[:, all_index])
+        write_table(table, folder.patients(split))
         if report is not None:
             plot_confusion(report["confusion"], f"{config.model} - {split} ({len(labels)} images, acc "
-                           f"{report['accuracy']:.4f})", run_dir / f"confusion_{split}.png", )
+                           f"{report['accuracy']:.4f})", folder.confusion(split))
     summary = {}
     if dist.is_main:
-        previous_path = run_dir / "summary.json"
-        if previous_path.is_file():  # evaluating one split keeps the others' figures for the same checkpoint
-            previous = json.loads(previous_path.read_text())
-            if (previous.get("checkpoint"), previous.get("checkpoint_epoch")) == (checkpoint, state["epoch"] + 1):
-                results = {**previous.get("splits", {}), **results}
-                patients = {**previous.get("patients", {}), **patients}
-                tta_results = {**(previous.get("tta") or {}).get("splits", {}), **tta_results}
-        summary = _summary(run_dir, config, state, results, checkpoint, patients, tta_results)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        metrics = run_dir / "metrics.csv"
-        if metrics.exists() and len(pd.read_csv(metrics)):
-            plot_curves(pd.read_csv(metrics), f"{config.model}: accuracy and loss per epoch", run_dir / "curves.png")
+        previous = rf.read_summary(run_dir)
+        # evaluating one split keeps the others' figures for the same checkpoint
+        if previous and (previous.get("checkpoint"), previous.get("checkpoint_epoch")) == (checkpoint,
+                                                                                             state["epoch"] + 1):
+            results = {**(previous.get("splits") or {}), **results}
+            patients = {**(previous.get("patients") or {}), **patients}
+            tta_results = {**(previous.get("tta") or {}).get("splits", {}), **tta_results}
+        metrics = rf.read_metrics(run_dir)
+        summary = _summary(metrics, config, state, results, checkpoint, patients, tta_results)
+        rf.write_summary(run_dir, summary)
+        if len(metrics):
+            plot_curves(metrics, f"{config.model}: accuracy and loss per epoch", folder.curves)
     return summary
 
 
-def _summary(run_dir: Path, config: TrainConfig, state: dict, results: dict, checkpoint: str, patients: dict,
-             tta_results: dict) -> dict:
-    metrics_path = run_dir / "metrics.csv"
-    metrics = pd.read_csv(metrics_path) if metrics_path.exists() else pd.DataFrame()
+def _summary(metrics: pd.DataFrame, config: TrainConfig, state: dict, results: dict, checkpoint: str,
+             patients: dict, tta_results: dict) -> dict:
     valid, test = results.get("valid"), results.get("test")
     finished = len(metrics) >= config.total_epochs
-    return {
-        # "unfinished": evaluated before the run's last epoch (a stopped run); train.compare leaves it out
-        "status": "complete" if finished else "unfinished",
-        "model": config.model,
-        "checkpoint": checkpoint,
-        "checkpoint_epoch": state["epoch"] + 1,
-        "checkpoint_size": config.stages[state["stage"]].size,
-        "best_valid_acc": valid["accuracy"] if valid else None,
-        "test_acc": test["accuracy"] if test else None,
-        "test_f1_weighted": test["f1_weighted"] if test else None,
-        "epochs": int(len(metrics)),
-        "train_seconds": round(float(metrics["epoch_s"].sum()), 3) if len(metrics) else 0.0,
-        "seconds_per_epoch": round(float(metrics["epoch_s"].mean()), 3) if len(metrics) else None,
-        "max_valid_acc_any_stage": _nan_to_none(float(metrics["valid_acc"].max())) if len(metrics) else None,
-        "splits": results,
+    return rf.summary_record(
+        # unfinished: evaluated before the run's last epoch (a stopped run); train.compare leaves it out
+        rf.COMPLETE if finished else rf.UNFINISHED, config.model, epochs_done=int(len(metrics)),
+        checkpoint=checkpoint,
+        checkpoint_epoch=state["epoch"] + 1,
+        checkpoint_size=config.stages[state["stage"]].size,
+        best_valid_acc=valid["accuracy"] if valid else None,
+        test_acc=test["accuracy"] if test else None,
+        test_f1_weighted=test["f1_weighted"] if test else None,
+        epochs=int(len(metrics)),
+        train_seconds=round(float(metrics["epoch_s"].sum()), 3) if len(metrics) else 0.0,
+        seconds_per_epoch=round(float(metrics["epoch_s"].mean()), 3) if len(metrics) else None,
+        max_valid_acc_any_stage=_nan_to_none(float(metrics["valid_acc"].max())) if len(metrics) else None,
+        splits=results,
         # per split: patients, mean / worst / best per-patient accuracy, accuracy of the majority call per patient
-        "patients": patients,
+        patients=patients,
         # the same figures for the mean softmax over the 8 dihedral views (train.evaluate --tta), beside the plain
         # ones; None when TTA was not run for this checkpoint
-        "tta": _tta_summary(tta_results) if tta_results else None,
-    }
+        tta=_tta_summary(tta_results) if tta_results else None,
+    )
 
 
 def _tta_summary(results: dict) -> dict:

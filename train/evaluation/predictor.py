@@ -5,7 +5,6 @@ folder may be gone), then the evaluation's centre crop and normalisation, at the
 the per-image and per-patient tables are written atomically, never over an earlier file."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -20,14 +19,15 @@ from models import build_model
 from pipeline import parallel, sources, store
 from pipeline.config import PreprocessConfig
 from pipeline.progress import progress_bar
-from pipeline.sources import IMAGE_SUFFIXES, ON_ERROR, UNKNOWN_LABEL, UNKNOWN_PATIENT, patient_of, printable
+from pipeline.sources import IMAGE_SUFFIXES, UNKNOWN_LABEL, UNKNOWN_PATIENT, patient_of, printable
 from train.engine import checkpoint as ckpt
+from train.engine import run_folder as rf
 from train.evaluation import metrics
 from train.augment import AugConfig, GpuAugment
 from train.engine.config import TrainConfig
 from train.engine.loop import Precision
 from train.engine.trainer import preprocess_record
-from train.evaluation.tta import VIEWS, tta_probs
+from train.evaluation.tta import tta_probs
 
 log = logging.getLogger(__name__)
 
@@ -75,27 +75,14 @@ class Predictor:
         return torch.softmax(logits.float(), 1)[:, self.all_index]
 
 
-def _read_config_json(run_dir: Path) -> dict:
-    if not run_dir.is_dir():
-        what = "is not a folder" if run_dir.exists() else "does not exist"
-        raise PredictError(f"run folder {run_dir} {what}; pass the folder that python -m train.run printed last "
-                           f"(runs/<model>-<timestamp>)")
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise PredictError(f"{run_dir}: no config.json; is it a run folder made by python -m train.run?")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise PredictError(f"{path}: cannot be read ({err}); the run folder is damaged") from None
-
-
 def _preprocess_record(run_dir: Path, data: dict, config: TrainConfig) -> dict:
     """The run's preprocessing record: from config.json, or for a run made before config.json held one, from its
     cache's manifest when that cache still exists with the run's key."""
+    path = rf.RunFolder(run_dir).config
     record = data.get("preprocess")
     if record is not None:
         if record.get("cache_key") != config.cache_key:
-            raise PredictError(f"{run_dir / 'config.json'}: its preprocessing record is of cache "
+            raise PredictError(f"{path}: its preprocessing record is of cache "
                                f"{record.get('cache_key')}, but the run was trained on cache {config.cache_key}; "
                                f"the file was edited or damaged")
         return record
@@ -106,10 +93,10 @@ def _preprocess_record(run_dir: Path, data: dict, config: TrainConfig) -> dict:
         manifest, found = None, f"cannot be used ({err})"
     if manifest is not None and manifest["key"] == config.cache_key:
         log.info("%s has no preprocessing record (a run made before config.json held one); using the manifest of "
-                 "its cache %s", run_dir / "config.json", config.cache_dir)
+                 "its cache %s", path, config.cache_dir)
         return preprocess_record(manifest, [s.size for s in config.stages])
     raise PredictError(
-        f"{run_dir / 'config.json'} has no preprocessing record (the run was made before train.run saved one), and "
+        f"{path} has no preprocessing record (the run was made before train.run saved one), and "
         f"its cache {config.cache_dir} {found}. Predicting needs that cache's parameters and normalisation: build "
         f"cache {config.cache_key} again at {config.cache_dir} (python -m pipeline.build with the same source and "
         f"parameters), or use a run made by the current python -m train.run")
@@ -118,11 +105,7 @@ def _preprocess_record(run_dir: Path, data: dict, config: TrainConfig) -> dict:
 def load_predictor(run_dir: Path, checkpoint: str = "best.pt", device: str = "cpu") -> Predictor:
     """The run's model with `checkpoint`'s weights (loaded weights_only) and the preprocessing of its cache."""
     run_dir = Path(run_dir)
-    data = _read_config_json(run_dir)
-    try:
-        config = TrainConfig.from_dict(data["config"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise PredictError(f"{run_dir / 'config.json'}: not a run's config ({type(err).__name__}: {err})") from None
+    config, data = rf.read_config(run_dir)  # RunFolderError naming what is wrong with the folder or its config.json
     record = _preprocess_record(run_dir, data, config)
     path = run_dir / checkpoint
     if not path.is_file():

@@ -16,15 +16,15 @@ import torch
 
 from pipeline.store import CacheReader
 from train.engine import checkpoint as ckpt
+from train.engine import run_folder as rf
 from train.experiment import session
-from train.evaluation.evaluator import read_run_config
 from train.engine.config import TrainConfig
-from train.data.folds import FoldError, fold_rows, make_folds, read_cv_meta
+from train.data.folds import fold_rows, make_folds, read_cv_meta
 from train.evaluation.metrics import classification_report
 
 log = logging.getLogger(__name__)
-PLAN = "cv.json"  # written first: the folds and the arguments, so --resume needs nothing else
-SUMMARY = "cv_summary.json"
+PLAN = rf.CV_PLAN  # written first: the folds and the arguments, so --resume needs nothing else
+SUMMARY = rf.CV_SUMMARY
 FOLD_FIGURES = ("best_valid_acc", "valid_f1_weighted", "test_acc", "test_f1_weighted")
 
 
@@ -66,15 +66,14 @@ def plan_cv(args, argv: list[str]) -> tuple[dict, session.TrainConfig]:
 
 def run_fold(plan: dict, config, index: int, cv_dir: Path, dist, progress: str = "auto") -> dict | None:
     """Train and evaluate fold `index`, continuing it if it was interrupted; its summary (None if stopped)."""
-    run_dir = cv_dir / f"fold-{index}"
-    summary_path = run_dir / "summary.json"
-    done = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    if done is not None and done.get("status") == "complete":
+    run_dir = rf.fold_dir(cv_dir, index)
+    done = rf.read_summary(run_dir)
+    if done is not None and done["status"] == rf.COMPLETE:
         log.info("fold %d of %d: done before, kept (%s)", index + 1, len(plan["folds"]), run_dir)
         return done
-    resume = (run_dir / "last.pt").is_file()
+    resume = rf.RunFolder(run_dir).last.is_file()
     if resume:
-        fold_config = read_run_config(run_dir)
+        fold_config = rf.read_run_config(run_dir)
         log.info("fold %d of %d: continuing %s", index + 1, len(plan["folds"]), run_dir)
     else:
         if dist.is_main and run_dir.exists():  # stopped before its first checkpoint: nothing to keep
@@ -106,7 +105,7 @@ def ensemble(cv_dir: Path, plan: dict, reader: CacheReader, size: int) -> dict |
         return None
     test = reader.read_meta(size, "test")
     labels = pd.Series(test["labels"], index=test["paths"])
-    frames = [pd.read_csv(cv_dir / f"fold-{i}" / "predictions_test.csv", usecols=["path", "prob_all"])
+    frames = [pd.read_csv(rf.RunFolder(rf.fold_dir(cv_dir, i)).predictions("test"), usecols=["path", "prob_all"])
               .set_index("path")["prob_all"] for i in range(len(plan["folds"]))]
     mean_prob = pd.concat(frames, axis=1).mean(axis=1).reindex(labels.index)
     if (labels < 0).any():
@@ -118,14 +117,14 @@ def ensemble(cv_dir: Path, plan: dict, reader: CacheReader, size: int) -> dict |
 
 def summarise(cv_dir: Path, plan: dict, summaries: list[dict]) -> dict:
     reader = CacheReader(plan["cache_dir"])
-    config = read_run_config(cv_dir / "fold-0")
+    config = rf.read_run_config(rf.fold_dir(cv_dir, 0))
     size = config.stages[-1].size
     meta = read_cv_meta(reader, size)
     folds = []
     for index, (record, summary) in enumerate(zip(plan["folds"], summaries)):
         train_rows, valid_rows = fold_rows(reader, size, record, meta)
         valid = summary["splits"].get("valid") or {}
-        folds.append({"fold": index, "run_dir": f"fold-{index}", "valid_groups": record["valid_groups"],
+        folds.append({"fold": index, "run_dir": rf.fold_dir(cv_dir, index).name, "valid_groups": record["valid_groups"],
                       "train_patients": _patients(meta, train_rows), "valid_patients": _patients(meta, valid_rows),
                       "train_images": int(len(train_rows)), "valid_images": int(len(valid_rows)),
                       "best_valid_acc": summary.get("best_valid_acc"), "valid_f1_weighted": valid.get("f1_weighted"),
@@ -161,7 +160,11 @@ def resume_plan(args, argv: list[str]) -> tuple[dict, argparse.Namespace]:
     cv_dir = Path(args.resume)
     if not (cv_dir / PLAN).is_file():
         raise session.RunError(f"{cv_dir}: no {PLAN}; is it a folder made by python -m train.cv?")
-    plan = json.loads((cv_dir / PLAN).read_text())
+    try:
+        plan = json.loads((cv_dir / PLAN).read_text())
+    except (OSError, ValueError) as err:
+        raise session.RunError(f"{cv_dir / PLAN}: cannot be read ({err}); the cross-validation folder is damaged: "
+                               f"start a new cross-validation") from None
     _refuse_stop_after(args)
     # every flag but those that change nothing trained (args.given: what was typed, whatever its value)
     extra = [session.flag_of(name) for name in args.given

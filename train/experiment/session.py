@@ -4,22 +4,20 @@ the run folder, resume checks, training then evaluation, and the marks a failed 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 from datetime import datetime
 from pathlib import Path
 
-import torch
 
 from models import MODEL_NAMES, STEMS, ModelError
 from pipeline.progress import add_progress_flags, bars
 from pipeline.store import MANIFEST, CacheError, read_manifest
 from train.engine import checkpoint as ckpt
 from train.engine import options
+from train.engine import run_folder as rf
 from train.engine.config import PRESETS, Stage, TrainConfig, check_seed, parse_stages
 from train.engine.distributed import Dist, resolve_device
-from train.evaluation.evaluator import evaluate_run, open_run_cache, read_run_config
+from train.evaluation.evaluator import evaluate_run, open_run_cache
 from train.engine.trainer import Trainer, TrainingDiverged, estimate_seconds
 
 log = logging.getLogger(__name__)
@@ -282,11 +280,7 @@ def check_cpu_recipe(config: TrainConfig) -> None:
 def mark_unfinished(run_dir: Path, model: str, err: BaseException, epochs_done: int) -> None:
     """summary.json of a run that stopped on an error: `status` failed (or interrupted) with the error, no figures,
     so that no later step (train.compare, a reader of the folder) takes the folder for a result."""
-    summary = {"status": "interrupted" if isinstance(err, KeyboardInterrupt) else "failed", "model": model,
-               "error": f"{type(err).__name__}: {err}", "epochs_done": epochs_done}
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, run_dir / "summary.json")
+    rf.write_summary(run_dir, rf.stopped_summary(model, err, epochs_done))
 
 
 def train_and_evaluate(config: TrainConfig, run_dir: Path, dist: Dist, *, resume: bool = False,
@@ -300,10 +294,8 @@ def train_and_evaluate(config: TrainConfig, run_dir: Path, dist: Dist, *, resume
             trainer.resume()
             log.info("resuming %s after epoch %d", run_dir, trainer.state.epoch + 1)
             # a failed or interrupted record no longer describes the run once it goes on
-            stale = run_dir / "summary.json"
-            if dist.is_main and stale.is_file():
-                if json.loads(stale.read_text()).get("status") in ("failed", "interrupted"):
-                    stale.unlink()
+            if dist.is_main and (rf.read_summary(run_dir) or {}).get("status") in rf.STOPPED_ON_ERROR:
+                rf.remove_summary(run_dir)
         elif dist.is_main:
             trainer.write_config()
         trainer.fit(stop_after_epoch=stop_after)
@@ -321,10 +313,11 @@ def train_and_evaluate(config: TrainConfig, run_dir: Path, dist: Dist, *, resume
 
 def check_resume(args) -> TrainConfig:
     """The saved config of `args.resume`, refused (RunError naming the flags) when a flag given would change it."""
-    config = read_run_config(args.resume)
+    config = rf.read_run_config(args.resume)
     run_dir = args.resume
-    if not (run_dir / "last.pt").is_file():
-        raise RunError(f"{run_dir}: no last.pt to resume from")
+    if not rf.RunFolder(run_dir).last.is_file():
+        raise RunError(f"{run_dir}: no {rf.LAST} to resume from (the run stopped before its first epoch ended); "
+                       f"start a new run")
     conflicts = resume_conflicts(args, config)
     if conflicts:
         raise RunError(f"--resume continues {run_dir} with its saved settings, but these flags would change "
