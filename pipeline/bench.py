@@ -1,6 +1,6 @@
 """Build benchmark: `python -m pipeline.bench build [--images 1024] [--sizes 128 224] [--json PATH]`.
 
-The cache build against bare OpenCV on the same images, and --jobs 2 against --jobs 1 (pipeline/bench_build.py).
+The cache build against bare OpenCV on the same images, and --jobs 2 against --jobs 1 (the bench_build module).
 The benchmarks that need torch live in train/ (pipeline/ never imports it):
     python -m train.bench loader ...   the report's per-image loader against the cached loader + augmentation
     python -m train.bench scale ...    costs against data size

@@ -9,7 +9,7 @@ from tests.train_helpers import CountReads
 from train.augment import GpuAugment
 from train.engine.distributed import Dist
 from train.data.loader import CacheLoader
-from train.engine.loop import Precision, predict, train_one_epoch
+from train.engine.loop import Precision, predict_split, train_one_epoch
 from train.engine.timing import EpochTimer
 
 CPU = torch.device("cpu")
@@ -70,7 +70,7 @@ def test_the_last_partial_eval_batch_does_not_recompile(cache_dir):
     loader = CacheLoader(cache_dir, SIZE, "train", 7)  # eval: 7 does not divide the split
     assert loader.n % 7 and len(loader) > 1
     augment = GpuAugment.from_manifest(store.read_manifest(cache_dir), SIZE)
-    probs, labels = predict(model, loader, augment, Precision.for_device(CPU, False), CPU, Dist())
+    probs, labels = predict_split(model, loader, augment, Precision.for_device(CPU, False), CPU, Dist())
     assert counter.frame_count == 1 and len(probs) == len(labels) == loader.n
-    eager, _ = predict(model._orig_mod, loader, augment, Precision.for_device(CPU, False), CPU, Dist())
+    eager, _ = predict_split(model._orig_mod, loader, augment, Precision.for_device(CPU, False), CPU, Dist())
     torch.testing.assert_close(torch.from_numpy(probs), torch.from_numpy(eager))

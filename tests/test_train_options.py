@@ -22,7 +22,7 @@ from train.engine.config import Stage, TrainConfig
 from train.engine.distributed import Dist
 from train.engine.ema import ModelEma
 from train.data.loader import CacheLoader
-from train.engine.loop import Precision, loss_and_acc, predict, train_one_epoch, train_step
+from train.engine.loop import Precision, loss_and_acc, predict_split, train_one_epoch, train_step
 from train.engine.optim import Schedule, build_optimizer, param_groups, set_lr
 from train.engine.options import RECIPES
 from train.experiment.session import parse_args, resolve_config
@@ -250,7 +250,7 @@ def test_ema_weights_are_what_validation_measures_and_best_pt_holds(cache, tmp_p
         net = build_model("resnet18")
         net.load_state_dict(weights)
         net.to(memory_format=torch.channels_last)
-        probs, labels = predict(net, loader, augment, precision, CPU, Dist())
+        probs, labels = predict_split(net, loader, augment, precision, CPU, Dist())
         figures[name] = loss_and_acc(probs, labels)
     logged = metrics.iloc[-1]
     assert figures["ema"] == pytest.approx((logged["valid_loss"], logged["valid_acc"]), abs=2e-6)

@@ -26,10 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from train.data.rows import Block, window_selection
-
-
-def epoch_generator(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, stream])
+from train.data.seeds import epoch_generator
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:

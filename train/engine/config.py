@@ -78,7 +78,7 @@ class TrainConfig:
     warmup_lr: float = REPORT["warmup_lr"]
     ema_decay: float | None = REPORT["ema_decay"]  # per optimizer step; None: no EMA
     ema_warmup: bool = REPORT["ema_warmup"]  # timm's: decay min(ema_decay, 1 - k ** -2/3) at the k-th update
-    # a cross-validation fold's record (train/folds.py; made by train.cv), or None: the cache's own train and valid
+    # a cross-validation fold's record (train.data.folds; made by train.cv), or None: the cache's own train and valid
     fold: dict | None = None
 
     def __post_init__(self):

@@ -156,7 +156,7 @@ def train_one_epoch(model, loader: CacheLoader, augment: GpuAugment, optimizer, 
 
 
 @torch.no_grad()
-def predict(model, loader: CacheLoader, augment: GpuAugment, precision: Precision, device: torch.device,
+def predict_split(model, loader: CacheLoader, augment: GpuAugment, precision: Precision, device: torch.device,
             dist: Dist) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities (N, C) float64 and labels (N,) for the whole split, in cache order, on every rank."""
     model.eval()

@@ -33,7 +33,8 @@ from train.engine.config import TrainConfig
 from train.engine.distributed import Dist
 from train.engine.ema import ModelEma
 from train.data.loader import loader_for
-from train.engine.loop import Precision, loss_and_acc, predict, train_one_epoch, train_step
+from train.data.seeds import augment_generator
+from train.engine.loop import Precision, loss_and_acc, predict_split, train_one_epoch, train_step
 from train.engine.optim import Schedule, build_optimizer, set_lr
 
 log = logging.getLogger(__name__)
@@ -281,12 +282,12 @@ class Trainer:
             before_step = ((lambda i: set_lr(self.optimizer, self._lr(epoch, i, steps))) if self.schedule.per_step
                            else None)
             # Augmentation parameters depend on (seed, epoch, rank) only, so a resumed run replays them exactly.
-            generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 4099 + self.dist.rank)
+            generator = augment_generator(cfg.seed, epoch, self.dist.rank)
             stats = train_one_epoch(self.model, train_loader, augment, self.optimizer, self.precision, self.device,
                                     self.dist, generator, desc=f"epoch {epoch + 1}/{cfg.total_epochs} "
                                     f"{stage.size}px", progress=self.progress and self.dist.is_main,
                                     label_smoothing=cfg.label_smoothing, before_step=before_step, ema=self.ema)
-            valid_loss, valid_acc = loss_and_acc(*predict(self.eval_model, valid_loader, augment, self.precision,
+            valid_loss, valid_acc = loss_and_acc(*predict_split(self.eval_model, valid_loader, augment, self.precision,
                                                           self.device, self.dist))
             self._check_finite(epoch, stage.size, lr, stats.loss, valid_loss, valid_acc)
             self._after_epoch(epoch, index, stage.size, lr, stats, valid_loss, valid_acc)

@@ -17,7 +17,7 @@ from train.engine import run_folder as rf
 from train.augment import GpuAugment
 from train.engine.config import TrainConfig
 from train.engine.distributed import Dist
-from train.engine.loop import Precision, predict
+from train.engine.loop import Precision, predict_split
 from train.engine.run_folder import read_run_config
 from train.data.loader import loader_for
 from train.evaluation.metrics import classification_report, patient_summary, patient_table
@@ -80,13 +80,13 @@ def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = N
             continue
         loader = loader_for(reader, stage.size, split, batch_size or stage.batch_size, config.fold, device=dev,
                             rank=dist.rank, world_size=dist.world_size)
-        probs, labels = predict(model, loader, augment, precision, dev, dist)
+        probs, labels = predict_split(model, loader, augment, precision, dev, dist)
         labelled = bool(len(labels)) and bool((labels >= 0).all())
         report = classification_report(labels, probs.argmax(1), class_names) if labelled else None
         results[split] = report
         tta_probs = None
         if tta:
-            tta_probs, _ = predict(DihedralTTA(model), loader, augment, precision, dev, dist)
+            tta_probs, _ = predict_split(DihedralTTA(model), loader, augment, precision, dev, dist)
             tta_results[split] = classification_report(labels, tta_probs.argmax(1), class_names) \
                 if labelled else None
         table = patient_table(loader.patients, probs[:, all_index], labels if labelled else None)

@@ -52,13 +52,13 @@ def mean_over_views(logits: torch.Tensor, b: int) -> torch.Tensor:
 
 class DihedralTTA(torch.nn.Module):
     """`model` behind the 8 dihedral views, for code that calls a model and takes the softmax of its output
-    (the loop's `predict`, so train.evaluate --tta evaluates through the very path of plain evaluation). It returns
-    log(mean softmax over the views), whose softmax is that mean again. Call it under the caller's autocast, like the
-    model; one forward pass over the stacked (8B) batch, as `tta_probs`."""
+    (the loop's `predict_split`, so train.evaluate --tta evaluates through the very path of plain evaluation). It
+    returns log(mean softmax over the views), whose softmax is that mean again. Call it under the caller's autocast,
+    like the model; one forward pass over the stacked (8B) batch, as `tta_probs`."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
-        self.module = model  # `module`, as DDP names it: predict() finds the head's class count through it
+        self.module = model  # `module`, as DDP names it: predict_split() finds the head's class count through it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         views = stacked_views(x).contiguous(memory_format=torch.channels_last)
