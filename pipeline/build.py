@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import hashlib
 import logging
 import os
@@ -24,12 +23,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import store
+from pipeline import locks, store
 from pipeline.build_args import config_from_args, parse_args
-from pipeline.build_checks import BuildError, StorageError, refuse_empty, refuse_empty_source, storage_error
+from pipeline.build_checks import (BuildError, StorageError, refuse_empty, refuse_empty_source, refuse_flat,
+                                   refuse_unusable_folders, storage_error)
 from pipeline.config import PreprocessConfig
-from pipeline.manifest import (MANIFEST, CacheError, ManifestError, make_manifest, read_manifest, size_entry,
-                               write_manifest)
+from pipeline.manifest import (MANIFEST, CacheAccessError, CacheError, ManifestError, make_manifest, read_manifest,
+                               size_entry, write_manifest)
 from pipeline.parallel import BACKENDS, DEFAULT_BACKEND
 from pipeline.sources import CLASS_NAMES, Item, Source, SourceError, discover
 from pipeline.split import SPLIT_TABLE, read_split_table, split_items, split_rank, write_split_table
@@ -87,15 +87,10 @@ def cache_key(config: PreprocessConfig, source: Source) -> str:
 
 @contextlib.contextmanager
 def key_lock(cache_root: Path, key: str):
-    """Exclusive lock per key, kept beside the caches so removing a failed cache never removes a held lock."""
-    lock_dir = cache_root / ".locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{key}.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("another build of cache %s is running; waiting for it to finish", key)
-            fcntl.flock(f, fcntl.LOCK_EX)
+    """Exclusive lock per key (pipeline.locks), kept beside the caches so removing a failed cache never removes a held
+    lock; waits for another build of the same key."""
+    with locks.hold(cache_root, key, on_wait=lambda: log.warning(
+            "another build of cache %s is running; waiting for it to finish", key)):
         yield
 
 
@@ -129,6 +124,8 @@ def _usable_manifest(cache_dir: Path) -> dict | None:
         log.warning("%s: %s; removing %s and building it again", err.path, err.problem, cache_dir)
         shutil.rmtree(cache_dir)
         return None
+    except CacheAccessError:  # not ours to judge, nor to replace
+        raise
     except CacheError:  # no manifest: a new build, or one resumed after an interruption
         return None
 
@@ -176,6 +173,7 @@ def build(config: PreprocessConfig, options: BuildOptions) -> BuildReport:
     refuse_empty_source(source)
     key = cache_key(config, source)
     cache_dir = options.cache_root / key
+    refuse_unusable_folders(options.cache_root, key)
     if _reusable(cache_dir, sizes, options.on_error, options.verify):
         return BuildReport(cache_dir, key, reused=True)
     try:
@@ -328,6 +326,7 @@ def _sizes(config: PreprocessConfig, old: dict | None, chunks: list[Chunk], new_
         for chunk in chunks:
             shards.setdefault(chunk.split, []).append(done[shard_file(size, chunk)])
         mean, std = store.channel_stats(shards.get("train", []))
+        refuse_flat(size, mean, std)
         sizes[str(size)] = size_entry(geometry=config.geometry(size), mean=mean, std=std,
                                       shards={split: [r.entry() for r in rs] for split, rs in shards.items()})
     return sizes
@@ -341,6 +340,7 @@ def main(argv=None) -> int:
     args = parse_args(argv, __doc__.splitlines()[0])
     try:
         config = config_from_args(args)
+        refuse_unusable_folders(args.cache_dir)
         if args.demo:
             from pipeline.demo import ensure_demo_source
             try:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from pathlib import Path
 
+from pipeline.manifest import normalisation_problem
 from pipeline.sources import CLASS_NAMES, Item, Source
 from pipeline.split import split_rank
 
@@ -97,3 +99,24 @@ def refuse_empty(items: list[Item], skipped: list[dict]) -> None:
             group = [it for it in items if it.split == split and it.label == label]
             if group and all(it.path in reasons for it in group):
                 log.warning("split %s keeps no image of class %s: all its %d were left out", split, name, len(group))
+
+
+def refuse_unusable_folders(cache_root: Path, key: str | None = None) -> None:
+    """Before anything is read or written: the cache root (and, given a key, that cache's folder) must be a folder
+    or not exist yet; a file or a broken link there would end the build with a bare 'Not a directory'."""
+    if os.path.lexists(cache_root) and not os.path.isdir(cache_root):
+        raise BuildError(f"--cache-dir {cache_root} is a file (or a broken link), not a folder; nothing was built. "
+                         f"Pass a folder (it is made when missing)")
+    if key and os.path.lexists(cache_root / key) and not os.path.isdir(cache_root / key):
+        raise BuildError(f"{cache_root / key}: a file (or a broken link) where the folder of cache {key} belongs; "
+                         f"nothing was built. Move or remove it (it is not a cache) and run the same command again")
+
+
+def refuse_flat(size: int, mean: list[float], std: list[float]) -> None:
+    """Channel statistics the cache's readers would refuse (`normalisation_problem`): a channel with std 0 means every
+    train pixel has the same value there (blank or single-colour images), and training divides by the std."""
+    problem = normalisation_problem(mean, std)
+    if problem:
+        raise BuildError(f"size {size}: the train split's channel statistics cannot normalise images ({problem}): "
+                         f"its images are blank or of a single colour; nothing was cached. Check --source "
+                         f"(python -m train.preview shows what the build makes of an image)")

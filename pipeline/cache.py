@@ -8,49 +8,57 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
 from pipeline import housekeeping, store
+from pipeline.manifest import CacheAccessError
 
 
 def list_caches(cache_root: Path) -> list[dict]:
-    """One row per complete cache under `cache_root`, newest first; a manifest that cannot be read gives a row
-    with `damaged` (the reason) instead of hiding every other cache."""
+    """One row per complete cache under `cache_root`, newest first; a manifest that cannot be used gives a row with
+    `damaged` (the reason), a folder this user may not read one with `unreadable`, instead of hiding every other
+    cache; a key-named link or file gives a row with `left` (it is not a cache here). Keys are the folders' names.
+    CacheError when the cache root is not a folder or cannot be listed."""
+    folders, left = housekeeping.scan(Path(cache_root), any_name=True)
     rows = []
-    for manifest_path in sorted(Path(cache_root).glob(f"*/{store.MANIFEST}")):
+    for folder in folders:
+        row = {"key": folder.name, "path": str(folder), "bytes": housekeeping.path_bytes(folder), "created": ""}
         try:
-            m = store.read_manifest(manifest_path.parent)
-            rows.append({
-                "key": m["key"],
-                "path": str(manifest_path.parent),
-                "source": m["source"]["root"],
-                "layout": m["source"]["layout"],
-                "sizes": [int(s) for s in m["sizes"]],
-                "counts": {split: info["count"] for split, info in m["splits"].items()},
-                "bytes": housekeeping.path_bytes(manifest_path.parent),
-                "created": m["created"],
-            })
-        except (ValueError, KeyError, TypeError, AttributeError, OSError) as err:
-            reason = (f"{err.path}: {err.problem}" if isinstance(err, store.ManifestError)
-                      else f"{manifest_path}: {type(err).__name__}: {err}")
-            rows.append({"key": manifest_path.parent.name, "path": str(manifest_path.parent), "damaged": reason,
-                         "bytes": housekeeping.path_bytes(manifest_path.parent), "created": ""})
-    return sorted(rows, key=lambda r: r["created"], reverse=True)
+            m = store.read_manifest(folder)
+        except CacheAccessError as err:
+            rows.append({**row, "unreadable": str(err)})
+            continue
+        except store.ManifestError as err:
+            rows.append({**row, "damaged": f"{err.path}: {err.problem}"})
+            continue
+        except store.CacheError:
+            continue  # no manifest: an interrupted or running build (prune --incomplete removes the first kind)
+        rows.append({**row, "source": m["source"]["root"], "layout": m["source"]["layout"],
+                     "sizes": [int(s) for s in m["sizes"]],
+                     "counts": {split: info["count"] for split, info in m["splits"].items()},
+                     "created": m["created"], "manifest_key": m["key"]})
+    rows.sort(key=lambda r: r["created"], reverse=True)
+    return rows + [{"key": e.path.name, "path": str(e.path), "left": e.why, "bytes": 0, "created": ""} for e in left]
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def _print_removals(removed, skipped, dry_run: bool) -> None:
+def _print_removals(out: housekeeping.Outcome, dry_run: bool) -> None:
     verb = "would remove" if dry_run else "removed"
-    for r in removed:
+    for r in out.removed:
         print(f"{verb} {r.what} {r.path} ({_mib(r.bytes)})")
-    for r in skipped:
-        print(f"left {r.what} {r.path}: a running build holds its lock", file=sys.stderr)
-    freed = sum(r.bytes for r in removed)
-    print(f"{'would free' if dry_run else 'freed'} {_mib(freed)} ({freed} bytes) in {len(removed)} item(s)")
+    for r in out.gone:
+        print(f"{r.what} {r.path}: already gone (removed by another rm or prune while this one ran)",
+              file=sys.stderr)
+    for r in out.left:
+        print(f"left {r.path}: {r.why}", file=sys.stderr)
+    freed = sum(r.bytes for r in out.removed)
+    print(f"{'would free' if dry_run else 'freed'} {_mib(freed)} ({freed} bytes) in {len(out.removed)} item(s)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("targets", nargs="+", metavar="KEY_OR_PATH")
     prune = sub.add_parser("prune", help="remove old caches and leftovers of interrupted builds")
     prune.add_argument("--keep-newest", type=int, metavar="N", help="keep the N newest complete caches")
-    prune.add_argument("--older-than", type=float, metavar="DAYS", help="remove complete caches older than this")
+    prune.add_argument("--older-than", type=float, metavar="DAYS",
+                       help="remove complete caches older than this many days (a finite number >= 0, fractions "
+                            "allowed; inf and nan are refused, and a number larger than any cache's age removes none)")
     prune.add_argument("--incomplete", action="store_true",
                        help="remove cache folders without a manifest, *.tmp shards and lock files of no running build")
     for sp in (rm, prune):
@@ -75,60 +85,83 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _list(cache_dir: Path) -> int:
-    rows = list_caches(cache_dir)
-    if not rows:
-        print(f"no complete cache under {cache_dir}; build one with python -m pipeline.build --demo")
+    if not os.path.lexists(cache_dir):
+        print(f"no cache folder {cache_dir} yet; build a cache with python -m pipeline.build --demo (or pass the "
+              f"--cache-dir your builds used)")
         return 0
+    rows = list_caches(cache_dir)
+    caches = [r for r in rows if "left" not in r]
     for r in rows:
-        if "damaged" in r:
+        if "left" in r:
+            print(f"{r['key']}  not listed: {r['left']}")
+        elif "damaged" in r:
             print(f"{r['key']}  DAMAGED ({r['damaged']}); rebuild it, or remove it with python -m pipeline.cache rm "
                   f"{r['key']}  {_mib(r['bytes'])}")
-            continue
-        counts = " ".join(f"{k}={v}" for k, v in r["counts"].items())
-        print(f"{r['key']}  {r['layout']:<13} sizes={r['sizes']}  {counts}  {_mib(r['bytes'])}  "
-              f"{r['created']}  {r['source']}")
-    total = housekeeping.path_bytes(cache_dir) if cache_dir.is_dir() else 0
-    print(f"{len(rows)} cache(s); {_mib(total)} in all under {cache_dir} (demo source and leftovers included)")
+        elif "unreadable" in r:
+            print(f"{r['key']}  UNREADABLE ({r['unreadable']})")
+        else:
+            counts = " ".join(f"{k}={v}" for k, v in r["counts"].items())
+            renamed = "" if r["manifest_key"] == r["key"] else \
+                f"  (its manifest names key {r['manifest_key']!r}: a renamed or copied folder; builds do not find it)"
+            print(f"{r['key']}  {r['layout']:<13} sizes={r['sizes']}  {counts}  {_mib(r['bytes'])}  "
+                  f"{r['created']}  {r['source']}{renamed}")
+    if not caches:
+        print(f"no complete cache under {cache_dir}; build one with python -m pipeline.build --demo")
+        return 0
+    print(f"{len(caches)} cache(s); {_mib(housekeeping.path_bytes(cache_dir))} in all under {cache_dir} (demo source "
+          f"and leftovers included)")
     return 0
 
 
 def _remove(args) -> int:
     if args.command == "rm":
+        housekeeping.scan(args.cache_dir)  # a cache root that is missing, a file or unreadable is named first
         folders = [housekeeping.cache_folder(args.cache_dir, t) for t in args.targets]  # all checked first
         plan = [housekeeping.Removal(f, "cache", housekeeping.path_bytes(f), f.name) for f in dict.fromkeys(folders)]
+        left = []
     else:
         if args.keep_newest is not None and args.keep_newest < 0:
             raise store.CacheError(f"--keep-newest must be >= 0, got {args.keep_newest}")
-        if args.older_than is not None and not args.older_than >= 0:
-            raise store.CacheError(f"--older-than must be a number of days >= 0, got {args.older_than}")
+        if args.older_than is not None and not (math.isfinite(args.older_than) and args.older_than >= 0):
+            raise store.CacheError(f"--older-than must be a finite number of days >= 0, got {args.older_than}")
         if args.keep_newest is None and args.older_than is None and not args.incomplete:
             raise store.CacheError("nothing to prune: pass --keep-newest N, --older-than DAYS and/or --incomplete")
-        plan = housekeeping.plan_prune(args.cache_dir, args.keep_newest, args.older_than, args.incomplete)
-    removed, skipped = housekeeping.execute(args.cache_dir, plan, args.dry_run)
-    _print_removals(removed, skipped, args.dry_run)
-    return 1 if skipped else 0
+        plan, left = housekeeping.plan_prune(args.cache_dir, args.keep_newest, args.older_than, args.incomplete)
+    for item in left:  # named before anything is removed
+        print(f"left {item.path}: {item.why}", file=sys.stderr)
+    out = housekeeping.execute(args.cache_dir, plan, args.dry_run)
+    _print_removals(out, args.dry_run)
+    return 1 if any(item.problem for item in left + out.left) else 0
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "list":
-        return _list(args.cache_dir)
+def _verify(path: Path) -> int:
     try:
-        if args.command in ("rm", "prune"):
-            return _remove(args)
-        problems = store.verify(args.path)
+        problems = store.verify(path)
     except store.CacheError as err:
-        print(f"error: {err}", file=sys.stderr)
+        inside = [p.name for p in path.glob("*") if housekeeping.KEY.match(p.name)] if path.is_dir() else []
+        hint = f"\nverify takes one cache folder, such as {path / inside[0]}" if inside else ""
+        print(f"error: {err}{hint}", file=sys.stderr)
         return 2
     for problem in problems:
         print(f"BAD {problem}", file=sys.stderr)
     if problems:
-        manifest = store.read_manifest(args.path)
+        manifest = store.read_manifest(path)
         print(f"rebuild the bad shards (the rest is kept) with:\n  "
-              f"{store.rebuild_command(args.path, manifest, manifest['sizes'])}", file=sys.stderr)
+              f"{store.rebuild_command(path, manifest, manifest['sizes'])}", file=sys.stderr)
         return 1
-    print(f"ok: every shard of {args.path} matches its checksum and shape")
+    print(f"ok: every shard of {path} matches its checksum and shape")
     return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "verify":
+        return _verify(args.path)
+    try:
+        return _list(args.cache_dir) if args.command == "list" else _remove(args)
+    except store.CacheError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ writer runs the same check before writing, so a build cannot leave a manifest it
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import shlex
 from datetime import datetime, timezone
@@ -24,11 +26,24 @@ if TYPE_CHECKING:  # only for annotations: the cache readers need not import the
 
 MANIFEST = "manifest.json"
 # The fields every reader may index; a manifest without one of them is refused, whatever else it holds.
-REQUIRED_FIELDS = ("format_version", "key", "config", "source", "splits", "sizes", "skipped")
+REQUIRED_FIELDS = ("format_version", "key", "created", "config", "source", "splits", "sizes", "skipped")
+# Training normalises in float32: a mean or std beyond its range, or a std whose inverse is, would give inf or NaN.
+_FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_SMALLEST_NORMAL = 1.1754943508222875e-38
 
 
 class CacheError(ValueError):
     """A cache folder is missing, incomplete or corrupt; the message names the file."""
+
+
+class CacheAccessError(CacheError):
+    """A cache folder or manifest this user may not read: neither damaged nor incomplete, so it is not rebuilt or
+    pruned as such; the message names it and what to do."""
+
+    def __init__(self, path: Path, err: OSError):
+        self.path = Path(path)
+        super().__init__(f"{path}: cannot be read ({err.strerror}); the cache may be whole: make it readable by this "
+                         f"user (check its owner and permissions), or use another cache folder")
 
 
 class ManifestError(CacheError):
@@ -88,8 +103,62 @@ def write_manifest(cache_dir: str | os.PathLike, manifest: dict) -> Path:
 # ----------------------------------------------------------------------------- reading
 
 
+def _number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def normalisation_problem(mean, std) -> str | None:
+    """Why per-channel `mean` and `std` (RGB, [0, 1] units) cannot normalise an image, or None. Each must be three
+    numbers, finite in float32 (what training computes in), and each std > 0 (it is divided by)."""
+    for name, values, positive in (("mean", mean, False), ("std", std, True)):
+        ok = isinstance(values, (list, tuple)) and len(values) == 3 and all(
+            _number(v) and math.isfinite(v) and abs(v) <= _FLOAT32_MAX
+            and (v >= _FLOAT32_SMALLEST_NORMAL if positive else True) for v in values)
+        if not ok:
+            want = "three finite numbers > 0" if positive else "three finite numbers"
+            return f"{name} is {values!r}, not {want} (one per RGB channel)"
+    return None
+
+
+def check_normalisation(mean, std, where: str, fix: str | None = None) -> None:
+    """Raise ValueError naming `where` (the file and entry they come from), the bad field and its value, and `fix`
+    (what to do), unless `mean` and `std` can normalise an image (`normalisation_problem`). For every copy of the
+    numbers: a cache's manifest checks its own through `read_manifest`; a run's saved config through this."""
+    problem = normalisation_problem(mean, std)
+    if problem:
+        raise ValueError(f"{where}: {problem}" + (f"; {fix}" if fix else ""))
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _created_problem(created) -> str | None:
+    try:
+        datetime.fromisoformat(created)
+        return None
+    except (TypeError, ValueError):
+        return f"has no usable creation time (created: {created!r}; an ISO date such as 2026-01-31T12:00:00+00:00)"
+
+
+def _size_problem(size: str, info) -> str | None:
+    shards = info.get("shards") if isinstance(info, dict) else None
+    if not (str(size).isdigit() and isinstance(shards, dict) and _count(info.get("stored_size"))
+            and info["stored_size"] >= int(size)
+            and all(isinstance(entries, list) and all(
+                isinstance(e, dict) and isinstance(e.get("file"), str) and _count(e.get("count"))
+                and isinstance(e.get("sha256"), str) and _count(e.get("bytes", 0)) for e in entries)
+                for entries in shards.values())):
+        return f"has a malformed entry for size {size!r}"
+    problem = normalisation_problem(info.get("mean"), info.get("std"))
+    if problem:
+        return f"has a bad normalisation for size {size}: {problem}"
+    return None
+
+
 def manifest_problem(m) -> str | None:
-    """What makes a parsed manifest unusable, or None. Checks the fields readers index, not every value."""
+    """What makes a parsed manifest unusable, or None. Checks every field a reader indexes: its presence, type and
+    range (counts >= 0, stored sizes >= the size, usable normalisation numbers), not the shards' contents."""
     if not isinstance(m, dict):
         return f"holds a JSON {type(m).__name__}, not a cache manifest (an object with format_version, sizes, ...)"
     missing = [k for k in REQUIRED_FIELDS if k not in m]
@@ -99,31 +168,51 @@ def manifest_problem(m) -> str | None:
         return f"is cache format {m['format_version']!r}; this version reads format {FORMAT_VERSION}"
     if not (isinstance(m["source"], dict) and isinstance(m["source"].get("root"), str)):
         return "has no source root"
+    if not isinstance(m["source"].get("layout"), str):
+        return "has no source layout"
     if not (isinstance(m["config"], dict) and isinstance(m["splits"], dict) and isinstance(m["skipped"], list)
             and isinstance(m["sizes"], dict)):
         return "has a config, splits, sizes or skipped entry of the wrong type"
+    if "classes" in m and not (isinstance(m["classes"], list) and all(isinstance(c, str) for c in m["classes"])):
+        return f"has classes {m['classes']!r}, not a list of class names"
+    problem = _created_problem(m["created"])
+    if problem:
+        return problem
+    for split, info in m["splits"].items():
+        classes = info.get("classes", {}) if isinstance(info, dict) else None
+        if not (isinstance(info, dict) and _count(info.get("count")) and isinstance(classes, dict)
+                and all(_count(n) for n in classes.values())):
+            return f"has a malformed entry for split {split!r}"
     for size, info in m["sizes"].items():
-        shards = info.get("shards") if isinstance(info, dict) else None
-        if not (str(size).isdigit() and isinstance(info.get("stored_size"), int) and isinstance(shards, dict)
-                and all(isinstance(entries, list) and all(
-                    isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("count"), int)
-                    and isinstance(e.get("sha256"), str) for e in entries) for entries in shards.values())):
-            return f"has a malformed entry for size {size!r}"
+        problem = _size_problem(size, info)
+        if problem:
+            return problem
     return None
 
 
 def read_manifest(cache_dir: str | os.PathLike) -> dict:
-    """The manifest of a complete cache; CacheError when there is none, ManifestError when it cannot be used."""
+    """The manifest of a complete cache; CacheError when there is none, ManifestError when it cannot be used,
+    CacheAccessError when this user may not read it."""
     path = Path(cache_dir) / MANIFEST
-    if not os.path.lexists(path):
+    try:
+        os.lstat(path)
+    except PermissionError as err:
+        raise CacheAccessError(cache_dir, err) from None
+    except OSError:  # no such file, or cache_dir is no folder
+        if not os.path.isdir(cache_dir):
+            what = "is not a folder" if os.path.lexists(cache_dir) else "no such folder"
+            raise CacheError(f"{cache_dir}: {what}, hence no {MANIFEST}; a cache is a folder <cache root>/<key> "
+                             f"holding one (python -m pipeline.cache list shows them)") from None
         raise CacheError(f"{cache_dir}: no {MANIFEST}; it is not a complete cache (build it with python -m "
-                         f"pipeline.build)")
+                         f"pipeline.build)") from None
     if not path.is_file():
         raise ManifestError(path, "is not a regular file (a folder or a broken link?)")
     try:
         m = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ManifestError(path, f"is not valid JSON ({err})") from None
+    except PermissionError as err:
+        raise CacheAccessError(path, err) from None
     except OSError as err:
         raise ManifestError(path, f"cannot be read ({err.strerror})") from None
     problem = manifest_problem(m)

@@ -17,6 +17,7 @@ import pytest
 
 from pipeline import build as build_mod
 from pipeline import checksums
+from pipeline import locks as locks_mod
 from pipeline import parallel as parallel_mod
 from pipeline import store
 from pipeline.build import BuildError, BuildOptions, StorageError, build, main
@@ -364,7 +365,7 @@ def test_an_unwritable_cache_folder_is_named_with_what_to_do(kaggle_source, tmp_
 
     def read_only(path, *a, **kw):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
-    monkeypatch.setattr(build_mod, "open", read_only, raising=False)  # the lock file is the first thing written
+    monkeypatch.setattr(locks_mod, "open", read_only, raising=False)  # the lock file is the first thing written
     assert main(args) == 0  # a complete cache is reused without writing
     assert main(args[:-3] + ["32", "--shard-size", "4", "--no-progress"]) == 2
     err = capsys.readouterr().err
