@@ -43,7 +43,7 @@ def main(argv=None) -> int:
                 write_json_atomic(cv_dir / PLAN, plan)
         summaries = []
         for index in range(len(plan["folds"])):
-            summary = run_fold(plan, config, index, cv_dir, dist, args.progress)
+            summary = run_fold(plan, config, index, cv_dir, dist, args.progress, tensorboard=args.tensorboard)
             if summary is None:
                 return 0  # a fold stopped early; --resume continues it
             summaries.append(summary)

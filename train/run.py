@@ -38,7 +38,8 @@ def main(argv=None) -> int:
         if not args.resume:
             run_dir = broadcast_object(new_run_dir(args.out, config.model) if dist.is_main else None, dist)
         summary = train_and_evaluate(config, Path(run_dir), dist, resume=bool(args.resume),
-                                     stop_after=args.stop_after, progress=args.progress)
+                                     stop_after=args.stop_after, progress=args.progress,
+                                     tensorboard=args.tensorboard)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

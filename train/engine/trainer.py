@@ -36,6 +36,7 @@ from train.data.loader import loader_for
 from train.data.seeds import augment_generator
 from train.engine.loop import Precision, loss_and_acc, predict_split, train_one_epoch, train_step
 from train.engine.optim import Schedule, build_optimizer, set_lr
+from train.engine.tensorboard import Board, FirstBatch
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,12 @@ def preprocess_record(manifest: dict, sizes) -> dict:
             "sizes": {str(s): {k: manifest["sizes"][str(s)][k] for k in keep} for s in sorted(set(sizes))}}
 
 
+def augment_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """The generator of an epoch's augmentation parameters on one rank. They depend on (seed, epoch, rank) only, so a
+    resumed run replays them exactly, and so can the board's view of a stage's first batch."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 4099 + rank)
+
+
 def rng_states(device: torch.device) -> dict:
     states = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -100,6 +107,7 @@ class Trainer:
     run_dir: Path
     dist: Dist = field(default_factory=Dist)
     progress: bool = True
+    board: Board = field(default_factory=Board)  # TensorBoard's event files (--tensorboard); no board by default
 
     def __post_init__(self):
         self.device = torch.device(self.config.device)
@@ -272,9 +280,12 @@ class Trainer:
                 self.start_stage(index)
             if epoch + 1 in cfg.lr_drop_epochs:
                 self.state.lr /= 10
-            train_loader = valid_loader = augment = None  # no reference to the last stage's data while switching
+            train_loader = valid_loader = augment = tap = None  # no reference to the last stage's data while switching
             train_loader, valid_loader, augment = self._stage_data(index)
             train_loader.set_epoch(epoch)
+            # the stage's first batch, kept for the board's view of what the model trains on
+            tap = FirstBatch(train_loader) if self.board.enabled and epoch == cfg.stage_start(index) else None
+            train_loader = train_loader if tap is None else tap
             steps = len(train_loader)
             lr = self._lr(epoch)  # the epoch's first step's; metrics.csv's lr
             set_lr(self.optimizer, lr)
@@ -291,6 +302,9 @@ class Trainer:
                                                           self.device, self.dist))
             self._check_finite(epoch, stage.size, lr, stats.loss, valid_loss, valid_acc)
             self._after_epoch(epoch, index, stage.size, lr, stats, valid_loss, valid_acc)
+            if tap is not None and tap.images is not None:  # after the epoch, once per stage: no step waits for it
+                self.board.train_views(epoch + 1, index + 1, stage.size, tap.images, augment,
+                                       augment_generator(cfg.seed, epoch, self.dist.rank))
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
         self.writer.wait()
@@ -346,12 +360,13 @@ class Trainer:
             # best.pt first: a kill between the two writes leaves best.pt ahead of last.pt, which resume repairs
             items = ([(state, self.folder.best)] if improved else []) + [(state, self.folder.last)]
             self.writer.submit(items)
-            rf.append_metrics(self.run_dir, {
-                "epoch": epoch + 1, "stage": index + 1, "size": size, "lr": lr,
-                "train_loss": round(stats.loss, 6), "train_acc": round(stats.acc, 6),
-                "valid_loss": round(valid_loss, 6), "valid_acc": round(valid_acc, 6),
-                "epoch_s": round(stats.seconds, 3), "imgs_per_s": round(stats.imgs_per_s, 1),
-                "data_wait": round(stats.data_wait, 4), "augment_share": round(stats.augment_share, 4)})
+            row = {"epoch": epoch + 1, "stage": index + 1, "size": size, "lr": lr,
+                   "train_loss": round(stats.loss, 6), "train_acc": round(stats.acc, 6),
+                   "valid_loss": round(valid_loss, 6), "valid_acc": round(valid_acc, 6),
+                   "epoch_s": round(stats.seconds, 3), "imgs_per_s": round(stats.imgs_per_s, 1),
+                   "data_wait": round(stats.data_wait, 4), "augment_share": round(stats.augment_share, 4)}
+            rf.append_metrics(self.run_dir, row)
+            self.board.epoch(row)  # the row's host floats, read once per epoch already: nothing waits
             log.info("epoch %d/%d (%d px): train loss %.4f acc %.4f, valid loss %.4f acc %.4f, %.1f s, %.0f img/s",
                      epoch + 1, self.config.total_epochs, size, stats.loss, stats.acc, valid_loss, valid_acc,
                      stats.seconds, stats.imgs_per_s)

@@ -64,7 +64,8 @@ def plan_cv(args, argv: list[str]) -> tuple[dict, session.TrainConfig]:
     return plan, config
 
 
-def run_fold(plan: dict, config, index: int, cv_dir: Path, dist, progress: str = "auto") -> dict | None:
+def run_fold(plan: dict, config, index: int, cv_dir: Path, dist, progress: str = "auto",
+             tensorboard: bool = False) -> dict | None:
     """Train and evaluate fold `index`, continuing it if it was interrupted; its summary (None if stopped)."""
     run_dir = rf.fold_dir(cv_dir, index)
     done = rf.read_summary(run_dir)
@@ -85,7 +86,8 @@ def run_fold(plan: dict, config, index: int, cv_dir: Path, dist, progress: str =
                  ", ".join(plan["folds"][index]["valid_groups"]))
     if dist.enabled:
         torch.distributed.barrier()  # the folder exists before any rank uses it
-    return session.train_and_evaluate(fold_config, run_dir, dist, resume=resume, progress=progress)
+    return session.train_and_evaluate(fold_config, run_dir, dist, resume=resume, progress=progress,
+                                      tensorboard=tensorboard)
 
 
 def _patients(meta: dict, rows: np.ndarray) -> list[str]:
@@ -176,6 +178,7 @@ def resume_plan(args, argv: list[str]) -> tuple[dict, argparse.Namespace]:
                                f"drop {', '.join(extra)}")
     saved = build_parser().parse_args(plan["argv"])
     saved.progress = args.progress
+    saved.tensorboard = args.tensorboard  # as given now: it changes nothing trained
     return plan, saved
 
 

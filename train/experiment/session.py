@@ -15,6 +15,7 @@ from pipeline.store import MANIFEST, CacheError, read_manifest
 from train.engine import checkpoint as ckpt
 from train.engine import options
 from train.engine import run_folder as rf
+from train.engine import tensorboard as tb
 from train.engine.config import PRESETS, Stage, TrainConfig, check_seed, parse_stages
 from train.engine.distributed import Dist, resolve_device
 from train.evaluation.evaluator import evaluate_run, open_run_cache
@@ -106,6 +107,10 @@ def add_run_arguments(p: argparse.ArgumentParser, *, resume_metavar: str = "RUN_
                    help="stop cleanly after this global epoch (1-based); continue later with --resume" if stop_after
                    else argparse.SUPPRESS)
     p.add_argument("--force", action="store_true", help="run a full recipe on a CPU even if it takes days")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files into the run folder's tensorboard/ (every metrics.csv "
+                        "column per epoch, each stage's augmented training views, the settings and final figures); "
+                        f"needs {tb.INSTALL}")
     add_progress_flags(p)
 
 
@@ -127,7 +132,7 @@ def parse_args(argv, description: str | None = None, epilog: str | None = None):
 
 # On --resume the saved config decides. Every other flag is either compared with the run's saved value (a flag
 # given with the saved value is fine) or cannot apply to a resumed run. train.cv's --resume allows the same few.
-RESUME_MAY_CHANGE = ("stop_after", "progress")  # they change nothing that is trained
+RESUME_MAY_CHANGE = ("stop_after", "progress", "tensorboard")  # they change nothing that is trained
 RUN_SETTINGS = ("seed", "stem", "amp", "compile", "pretrained", "device")  # TrainConfig fields of the same name
 STAGE_FLAGS = ("stages", "epochs", "batch_size")  # compared with the saved stages together
 COMPARED_ON_RESUME = (*options.OPTION, *RUN_SETTINGS, *STAGE_FLAGS)
@@ -211,8 +216,16 @@ def resolve_options(args) -> dict:
     return options.resolve({name: value for name, value in args.given.items() if name in options.OPTION})
 
 
+def check_extras(args) -> None:
+    """The optional packages the flags given need, there before anything starts (TensorBoardMissing names the
+    install command)."""
+    if getattr(args, "tensorboard", False):
+        tb.require()
+
+
 def resolve_config(args) -> tuple[TrainConfig, bool]:
     """The run's config, and whether it is a model's full preset recipe."""
+    check_extras(args)
     if args.model not in MODEL_NAMES:
         raise RunError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_NAMES)}")
     training = resolve_options(args)
@@ -284,10 +297,13 @@ def mark_unfinished(run_dir: Path, model: str, err: BaseException, epochs_done: 
 
 
 def train_and_evaluate(config: TrainConfig, run_dir: Path, dist: Dist, *, resume: bool = False,
-                       stop_after: int | None = None, progress: str = "auto") -> dict | None:
+                       stop_after: int | None = None, progress: str = "auto", tensorboard: bool = False
+                       ) -> dict | None:
     """Train (or, with `resume`, continue from last.pt) and evaluate; the final summary, or None when stopped early
-    (after global epoch `stop_after`, 1-based). A failure marks the run."""
+    (after global epoch `stop_after`, 1-based). A failure marks the run. `tensorboard`: rank 0 also writes
+    TensorBoard event files of the epochs trained here and, once evaluated, of the settings and final figures."""
     trainer = None
+    board = tb.Board()
     try:
         trainer = Trainer(config, run_dir, dist, progress=bars(progress))
         if resume:
@@ -298,9 +314,14 @@ def train_and_evaluate(config: TrainConfig, run_dir: Path, dist: Dist, *, resume
                 rf.remove_summary(run_dir)
         elif dist.is_main:
             trainer.write_config()
+        # opened once the first epoch to train is known: a resumed run's board starts there
+        board = trainer.board = tb.open_board(run_dir, tensorboard and dist.is_main,
+                                              first_step=trainer.state.epoch + 2)
         trainer.fit(stop_after_epoch=stop_after)
         if trainer.state.epoch + 1 >= config.total_epochs:
-            return evaluate_run(run_dir, device=str(trainer.device), dist=dist)
+            summary = evaluate_run(run_dir, device=str(trainer.device), dist=dist)
+            board.final(config.as_dict(), summary, step=config.total_epochs)
+            return summary
         if dist.is_main:
             print(f"stopped after epoch {trainer.state.epoch + 1} of {config.total_epochs}; continue with "
                   f"python -m train.run {config.model} --resume {run_dir}")
@@ -309,10 +330,13 @@ def train_and_evaluate(config: TrainConfig, run_dir: Path, dist: Dist, *, resume
         if dist.is_main:
             mark_unfinished(run_dir, config.model, err, trainer.state.epoch + 1 if trainer else 0)
         raise
+    finally:
+        board.close()
 
 
 def check_resume(args) -> TrainConfig:
     """The saved config of `args.resume`, refused (RunError naming the flags) when a flag given would change it."""
+    check_extras(args)
     config = rf.read_run_config(args.resume)
     run_dir = args.resume
     if not rf.RunFolder(run_dir).last.is_file():
@@ -330,4 +354,4 @@ def check_resume(args) -> TrainConfig:
 
 # what train.run and train.cv turn into exit code 2 with the message: bad input, never a bug
 USER_ERRORS = (RunError, ModelError, CacheError, ckpt.CheckpointError, ValueError, FileNotFoundError,
-               TrainingDiverged)
+               TrainingDiverged, tb.TensorBoardMissing)
