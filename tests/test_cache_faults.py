@@ -22,7 +22,7 @@ from pipeline.build import BuildError, BuildOptions, build, key_lock
 from pipeline.build import main as build_main
 from pipeline.cache import main
 from pipeline.config import PreprocessConfig
-from tests.conftest import patient_folders
+from tests.helpers import patient_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 OTHER = "00000000deadbeef"

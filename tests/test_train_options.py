@@ -208,7 +208,7 @@ def test_ema_warmup_follows_timms_formula_and_ends_at_the_decay():
 
 def test_ema_weights_are_what_validation_measures_and_best_pt_holds(cache, tmp_path, capsys, monkeypatch):
     seen = {"raw": {}, "ema": {}, "smoothing": set()}
-    after_epoch, start_stage, one_epoch = (trainer_mod.Trainer._after_epoch, trainer_mod.Trainer.start_stage,
+    after_epoch, start_stage, one_epoch = (trainer_mod.Trainer.end_epoch, trainer_mod.Trainer.start_stage,
                                            trainer_mod.train_one_epoch)
 
     def record(self, epoch, *rest):
@@ -225,7 +225,7 @@ def test_ema_weights_are_what_validation_measures_and_best_pt_holds(cache, tmp_p
     def spy_epoch(*args, **kwargs):
         seen["smoothing"].add(kwargs["label_smoothing"])
         return one_epoch(*args, **kwargs)
-    monkeypatch.setattr(trainer_mod.Trainer, "_after_epoch", record)
+    monkeypatch.setattr(trainer_mod.Trainer, "end_epoch", record)
     monkeypatch.setattr(trainer_mod.Trainer, "start_stage", check_start)
     monkeypatch.setattr(trainer_mod, "train_one_epoch", spy_epoch)
     run_dir = run(["resnet18", "--stages", "16:3", "24:1", "--ema-decay", "0.9", "--label-smoothing", "0.2",

@@ -301,7 +301,7 @@ class Trainer:
             valid_loss, valid_acc = loss_and_acc(*predict_split(self.eval_model, valid_loader, augment, self.precision,
                                                           self.device, self.dist))
             self._check_finite(epoch, stage.size, lr, stats.loss, valid_loss, valid_acc)
-            self._after_epoch(epoch, index, stage.size, lr, stats, valid_loss, valid_acc)
+            self.end_epoch(epoch, index, stage.size, lr, stats, valid_loss, valid_acc)
             if tap is not None and tap.images is not None:  # after the epoch, once per stage: no step waits for it
                 self.board.train_views(epoch + 1, index + 1, stage.size, tap.images, augment,
                                        augment_generator(cfg.seed, epoch, self.dist.rank))
@@ -338,7 +338,7 @@ class Trainer:
         self.state = ScheduleState(epoch=self.state.epoch, lr=self.config.lr)
         self.best_weights = None
 
-    def _after_epoch(self, epoch: int, index: int, size: int, lr: float, stats, valid_loss: float,
+    def end_epoch(self, epoch: int, index: int, size: int, lr: float, stats, valid_loss: float,
                      valid_acc: float) -> None:
         s = self.state
         s.epoch = epoch
