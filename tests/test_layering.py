@@ -61,7 +61,7 @@ def test_the_train_top_level_holds_the_commands_and_the_rooms_only():
     rooms = {p.name for p in TRAIN.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
     assert rooms == set(ROOM_MAY_IMPORT)
     assert {p.stem for p in TRAIN.glob("*.py")} == {"__init__", "run", "evaluate", "predict", "cv", "compare",
-                                                    "preview"}
+                                                    "preview", "explain"}
     for name in commands() - {"bench"}:
         tree = ast.parse((TRAIN / f"{name}.py").read_text())
         functions = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]

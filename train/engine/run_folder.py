@@ -7,7 +7,8 @@ A run folder (`python -m train.run` makes one, `train.cv` one per fold inside a 
     best.pt last.pt  checkpoints (their format: `train.engine.checkpoint`)
     metrics.csv      one row per finished epoch, appended; cut back to the epochs kept when a run resumes
     summary.json     one layout whatever the status: a finished, stopped, failed or interrupted run has the same keys
-    predictions_<split>.csv, patients_<split>.csv, confusion_<split>.png, curves.png   the evaluation's reports
+    predictions_<split>.csv, patients_<split>.csv, confusion_<split>.png, mistakes_<split>.png, curves.png
+                     the evaluation's reports
 
 Every write that replaces a file goes through a temporary file and a rename (a kill leaves the old file or the new
 one, never half of one); metrics.csv grows by whole lines. Every reader raises `RunFolderError` with what is wrong and
@@ -97,6 +98,9 @@ class RunFolder:
 
     def confusion(self, split: str) -> Path:
         return self.path / f"confusion_{split}.png"
+
+    def mistakes(self, split: str) -> Path:
+        return self.path / f"mistakes_{split}.png"
 
 
 def fold_dir(cv_dir: Path, index: int) -> Path:

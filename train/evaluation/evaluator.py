@@ -21,6 +21,7 @@ from train.engine.loop import Precision, predict_split
 from train.engine.run_folder import read_run_config
 from train.data.loader import loader_for
 from train.evaluation.metrics import classification_report, patient_summary, patient_table
+from train.evaluation.mistakes import write_mistakes
 from train.evaluation.report import plot_confusion, plot_curves, write_predictions, write_table
 from train.evaluation.tta import DihedralTTA
 
@@ -99,6 +100,8 @@ def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = N
         if report is not None:
             plot_confusion(report["confusion"], f"{config.model} - {split} ({len(labels)} images, acc "
                            f"{report['accuracy']:.4f})", folder.confusion(split))
+            write_mistakes(loader, probs[:, all_index], labels, folder.mistakes(split),
+                           f"{config.model} {checkpoint} (epoch {state['epoch'] + 1}, {stage.size} px), {split}")
     summary = {}
     if dist.is_main:
         previous = rf.read_summary(run_dir)
