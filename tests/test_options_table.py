@@ -18,7 +18,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def saved_run(**fields) -> TrainConfig:
     """A run's saved config, as check_resume reads it: batch 16, one stage, the report's recipe unless told."""
     return TrainConfig(model="resnet18", cache_dir="unused", cache_key="unused", stages=(Stage(16, 2, 16),),
-                       **fields)
+                       saved=True, **fields)
 
 
 def conflicts(*flags, config=None) -> list[str]:

@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     dist, cv_dir = None, None
     try:
         plan, config, args, cv_dir = open_plan(args, argv)
+        resumed = cv_dir is not None
         dist = setup(torch.device(config.device).type)
         if cv_dir is None:
             # cv-<model>-<timestamp>, made as a run folder is: never an existing one
@@ -43,7 +44,8 @@ def main(argv=None) -> int:
                 write_json_atomic(cv_dir / PLAN, plan)
         summaries = []
         for index in range(len(plan["folds"])):
-            summary = run_fold(plan, config, index, cv_dir, dist, args.progress, tensorboard=args.tensorboard)
+            summary = run_fold(plan, config, index, cv_dir, dist, args.progress, saved=resumed,
+                               tensorboard=args.tensorboard)
             if summary is None:
                 return 0  # a fold stopped early; --resume continues it
             summaries.append(summary)

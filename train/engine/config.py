@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 from models import MODEL_NAMES
 from train.engine import options
@@ -80,13 +80,16 @@ class TrainConfig:
     ema_warmup: bool = REPORT["ema_warmup"]  # timm's: decay min(ema_decay, 1 - k ** -2/3) at the k-th update
     # a cross-validation fold's record (train.data.folds; made by train.cv), or None: the cache's own train and valid
     fold: dict | None = None
+    # settings saved before (config.json, a cross-validation's plan): a check added since they were saved warns
+    # instead of refusing them (train.engine.options.RULES_SINCE_SAVED); not a field, so never saved itself
+    saved: InitVar[bool] = False
 
-    def __post_init__(self):
+    def __post_init__(self, saved: bool):
         if self.model not in MODEL_NAMES:
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
         if self.sched is None:
             object.__setattr__(self, "sched", sched_for_drops(self.lr_drop_patience))
-        options.check(vars(self))
+        options.check(vars(self), saved=saved)
         check_seed(self.seed)
         if not self.stages:
             raise ValueError("a run needs at least one stage")
@@ -120,9 +123,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        """From config.json; a run saved before the training options existed gets the report's recipe (the defaults),
-        with its schedule named from its lr drops."""
+        """From config.json (or a checkpoint's `config`), as saved settings: a run saved before the training options
+        existed gets the report's recipe (the defaults), with its schedule named from its lr drops."""
         d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
         d["stages"] = tuple(Stage(**s) for s in d["stages"])
         d["lr_drop_epochs"] = tuple(d.get("lr_drop_epochs", ()))
-        return cls(**d)
+        return cls(**d, saved=True)

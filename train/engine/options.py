@@ -26,12 +26,14 @@ is known to work on C-NMC:
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+log = logging.getLogger(__name__)
 RECIPE_NAMES = ("report", "modern")  # `report`: the report's recipe, the default (and an old config.json's)
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine", "plateau")
@@ -189,7 +191,9 @@ OPTIONS = (
                       "the lr of each epoch's first step. --lr-drop without --sched: plateau with plateau:N, else "
                       "step", "step", "cosine", choices=SCHEDULES),
     Option("--lr-drop", "epochs (1-based, global) at which lr /= 10, and/or plateau:N for whenever valid accuracy "
-                        "has not improved for N epochs of the stage", ((), None), ((), None),
+                        "has not improved for N epochs of the stage; a drop the run cannot reach (an epoch after its "
+                        "last, N not below the longest stage's epochs) is refused, as it would do nothing",
+           ((), None), ((), None),
            metavar="EPOCH|plateau:N", nargs="+", fields=("lr_drop_epochs", "lr_drop_patience"),
            from_flag=parse_lr_drop, text=_drops_text, in_recipe=False,
            valid=lambda v, _: all(e >= 1 for e in v[0]) and (v[1] is None or v[1] >= 1),
@@ -197,10 +201,14 @@ OPTIONS = (
     Option("--min-lr", "where --sched cosine ends (only with it)", 0.0, 0.0, parse=float,
            valid=lambda x, values: _finite(0, values["lr"])(x, values), must_be="a finite number in [0, --lr {lr:g}]"),
     Option("--warmup-epochs", "linear warmup over the first N epochs of each stage, set every step, from --warmup-lr "
-                              "to the lr the schedule starts from", 0, 1, parse=int,
+                              "to the lr the schedule starts from; at most the shortest stage's epochs (every stage "
+                              "restarts the warmup, so a longer one would end that stage before its lr is reached)",
+           0, 1, parse=int,
            valid=lambda n, _: isinstance(n, int) and not isinstance(n, bool) and n >= 0,
            must_be="an integer >= 0"),
-    Option("--warmup-lr", "the lr of the warmup's first step (timm's default)", 1e-5, 1e-5, parse=float,
+    Option("--warmup-lr", "the lr of the warmup's first step (timm's default); at most --lr, as a warmup rises "
+                          "to the lr, and only with --warmup-epochs (without a warmup it is never used)", 1e-5, 1e-5,
+           parse=float,
            valid=_finite(0), must_be="a finite number >= 0"),
     Option("--ema-decay", "an exponential moving average of the weights (BatchNorm statistics included), updated "
                           "after every optimizer step on the device with no host read; with it on, validation, "
@@ -233,19 +241,86 @@ RULES = (
 )
 
 
-def check(values: Mapping) -> None:
+
+def _warmup_above_lr(v) -> tuple[str, str] | None:
+    if v["warmup_epochs"] and v["warmup_lr"] > v["lr"]:
+        return (f"--warmup-lr {v['warmup_lr']:g} is above --lr {v['lr']:g}: a warmup rises from --warmup-lr to the "
+                f"lr, so this one would fall instead", f"give --warmup-lr {v['lr']:g} or less, or --warmup-epochs 0")
+    return None
+
+
+def _warmup_longer_than_a_stage(v) -> tuple[str, str] | None:
+    if not v.get("stages") or not v["warmup_epochs"]:
+        return None
+    index, short = min(enumerate(v["stages"]), key=lambda item: item[1].epochs)
+    if v["warmup_epochs"] <= short.epochs:
+        return None
+    return (f"--warmup-epochs {v['warmup_epochs']} is longer than stage {index + 1} ({short.size} px, {short.epochs} "
+            f"epoch{'s' if short.epochs > 1 else ''}): every stage restarts the warmup, so that stage would end "
+            f"before its lr reached --lr "
+            f"{v['lr']:g}", f"give --warmup-epochs {short.epochs} or less, or longer stages")
+
+
+def _drop_after_the_run(v) -> tuple[str, str] | None:
+    if not v.get("stages"):
+        return None
+    total = sum(s.epochs for s in v["stages"])
+    late = [e for e in v["lr_drop_epochs"] if e > total]
+    if not late:
+        return None
+    return (f"--lr-drop {' '.join(map(str, late))} is after the run's last epoch ({total}): the drop would never "
+            f"happen", f"give drop epochs from 1 to {total}")
+
+
+def _plateau_longer_than_every_stage(v) -> tuple[str, str] | None:
+    patience = v["lr_drop_patience"]
+    if not v.get("stages") or patience is None:
+        return None
+    longest = max(s.epochs for s in v["stages"])
+    if patience < longest:
+        return None
+    # a stage's first epoch always improves on the stage's best (which starts at none), so a stage of E epochs
+    # counts at most E - 1 epochs without improvement
+    return (f"--lr-drop plateau:{patience} can never fire: the plateau counter restarts with every stage and the "
+            f"longest stage has {longest} epochs, so at most {longest - 1} without a better valid accuracy",
+            f"give plateau:{longest - 1} or less" if longest > 1 else "drop plateau:N (or use longer stages)")
+
+
+# Checks added after runs were saved without them, (values) -> (what is wrong, what to do) or None: a new run is
+# refused, a config.json (or a cross-validation's saved plan) only warned about, once per process - such a run has
+# trained this way already, and its folder must still resume and evaluate as it did. The stage rules apply where the
+# stages are known (`values["stages"]`: a TrainConfig's, each with `size` and `epochs`).
+RULES_SINCE_SAVED = (_warmup_above_lr, _warmup_longer_than_a_stage, _drop_after_the_run,
+                     _plateau_longer_than_every_stage)
+_warned: set[str] = set()
+
+
+def check(values: Mapping, *, saved: bool = False) -> None:
     """The one check of a set of training-option values (TrainConfig field names), each error naming its flag:
-    every option's own, then how they fit together. ValueError."""
+    every option's own, then how they fit together. ValueError. With `saved` (a config.json, a saved plan) the
+    checks of RULES_SINCE_SAVED log a warning instead."""
     for row in OPTIONS:
         row.check(values)
     for broken, message in RULES:
         if broken(values):
             raise ValueError(message.format(**values))
+    for rule in RULES_SINCE_SAVED:
+        found = rule(values)
+        if found is None:
+            continue
+        what, fix = found
+        if not saved:
+            raise ValueError(f"{what}; {fix}")
+        if what not in _warned:
+            _warned.add(what)
+            log.warning("%s; the run was saved with this setting before new runs were refused it, and keeps it",
+                        what)
 
 
-def resolve(given: Mapping[str, Any]) -> dict:
+def resolve(given: Mapping[str, Any], *, saved: bool = False) -> dict:
     """TrainConfig's option values from the flags given ({dest: parsed value}): the recipe's, each replaced by the
-    flag given; checked. ValueError naming the flag."""
+    flag given; checked. ValueError naming the flag. `saved`: flags of a saved plan (a cross-validation resumed),
+    checked as a config.json is (`check`)."""
     recipe = given.get("recipe", "report")
     opt = given.get("opt", OPTION["opt"].default(recipe))
     values = {}
@@ -264,7 +339,10 @@ def resolve(given: Mapping[str, Any]) -> dict:
         raise ValueError(f"--momentum is SGD's; --opt {values['opt']} uses its default betas (0.9, 0.999)")
     if "min_lr" in given and values["sched"] != "cosine":
         raise ValueError(f"--min-lr is where --sched cosine ends; this run's --sched is {values['sched']}")
-    check(values)
+    check(values, saved=saved)  # a bad value first, then a good one that would do nothing
+    if "warmup_lr" in given and not values["warmup_epochs"] and not saved:
+        raise ValueError("--warmup-lr is where a warmup starts; this run has --warmup-epochs 0 (no warmup): give "
+                         "--warmup-epochs N too, or drop --warmup-lr")
     return values
 
 

@@ -88,12 +88,6 @@ def preprocess_record(manifest: dict, sizes) -> dict:
             "sizes": {str(s): {k: manifest["sizes"][str(s)][k] for k in keep} for s in sorted(set(sizes))}}
 
 
-def augment_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
-    """The generator of an epoch's augmentation parameters on one rank. They depend on (seed, epoch, rank) only, so a
-    resumed run replays them exactly, and so can the board's view of a stage's first batch."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 4099 + rank)
-
-
 def rng_states(device: torch.device) -> dict:
     states = {"torch": torch.get_rng_state()}
     if device.type == "cuda":

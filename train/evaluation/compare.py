@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from train.augment.figure_file import check_out, write_figure
 from train.engine import run_folder as rf
 from train.evaluation.report import plot_compare
 
@@ -30,8 +31,22 @@ def _label(model: str, run_dir: Path) -> str:
     return f"{model} ({rf.read_run_config(run_dir).recipe})"
 
 
+def _cv_summary(cv_dir: Path) -> dict:
+    path = cv_dir / rf.CV_SUMMARY
+    try:
+        summary = json.loads(path.read_text())
+        for key in ("model", "k", "folds", "best_valid_acc", "test_acc", "test_f1_weighted", "seconds_per_epoch"):
+            summary[key]
+        summary["folds"][0]["run_dir"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        raise rf.RunFolderError(f"{path}: not a cross-validation summary ({type(err).__name__}: {err}); the file was "
+                                f"edited or damaged: continue the cross-validation (python -m train.cv MODEL --resume "
+                                f"{cv_dir}) after deleting it, which writes it again") from None
+    return summary
+
+
 def _cv_row(cv_dir: Path) -> tuple[str, tuple[str, pd.DataFrame]]:
-    summary = json.loads((cv_dir / rf.CV_SUMMARY).read_text())
+    summary = _cv_summary(cv_dir)
     metrics = pd.concat([rf.read_metrics(cv_dir / f["run_dir"]) for f in summary["folds"]])
     mean_curve = metrics.groupby("epoch", as_index=False)["valid_acc"].mean()
     scheme = " (Kaggle folds)" if summary.get("scheme") == "kaggle" else ""
@@ -41,13 +56,38 @@ def _cv_row(cv_dir: Path) -> tuple[str, tuple[str, pd.DataFrame]]:
     return row, (f"{name} ({cv_dir.name}), mean of folds", mean_curve)
 
 
-def compare(run_dirs: list[Path], out: Path) -> str:
+def _no_curve(run: Path, metrics: pd.DataFrame) -> bool:
+    """Whether a finished run has no epoch to draw (its metrics.csv emptied or cut); said, not silently left out."""
+    if len(metrics) and {"epoch", "valid_acc"} <= set(metrics.columns):
+        return False
+    print(f"note: {run}: {rf.METRICS} holds no epochs (the file was emptied or damaged); its row is in the table, but "
+          f"the figure has no curve for it", file=sys.stderr)
+    return True
+
+
+def _given_twice(run_dirs: list[Path]) -> None:
+    seen: dict[Path, int] = {}
+    for run in run_dirs:
+        key = Path(run).resolve()
+        seen[key] = seen.get(key, 0) + 1
+    for path, count in seen.items():
+        if count > 1:
+            print(f"note: {path} is given {count} times; each is a row of the table (the same run)", file=sys.stderr)
+
+
+def compare(run_dirs: list[Path], out: Path, overwrite: bool = False) -> str:
+    """The runs' table (returned) and their valid-accuracy curves (written to `out`, a new file unless `overwrite`:
+    train.augment.figure_file's rule, checked before any run is read)."""
+    check_out(out, overwrite)
+    _given_twice(run_dirs)
     rows, curves = [], []
     for run in run_dirs:
+        run = Path(run)
         if (run / rf.CV_SUMMARY).is_file():
             row, curve = _cv_row(run)
             rows.append(row)
-            curves.append(curve)
+            if not _no_curve(run, curve[1]):
+                curves.append(curve)
             continue
         if rf.is_cv_folder(run):
             print(f"skipped {run}: the cross-validation has not finished (continue it with python -m train.cv "
@@ -75,13 +115,14 @@ def compare(run_dirs: list[Path], out: Path) -> str:
             raise FileNotFoundError(f"{run}: no {rf.METRICS} beside its {rf.SUMMARY}")
         metrics = rf.read_metrics(run)
         label = _label(summary["model"], run)
-        curves.append((f"{label} {run.name}", metrics))
-        rows.append(f"| {label} | {run.name} | {_fmt(summary['best_valid_acc'])} | "
-                    f"{_fmt(summary['test_acc'])} | {_fmt(summary['test_f1_weighted'])} | "
-                    f"{_fmt(summary['seconds_per_epoch'], 2)} |")
+        if not _no_curve(run, metrics):
+            curves.append((f"{label} {run.name}", metrics))
+        rows.append(f"| {label} | {run.name} | {_fmt(summary.get('best_valid_acc'))} | "
+                    f"{_fmt(summary.get('test_acc'))} | {_fmt(summary.get('test_f1_weighted'))} | "
+                    f"{_fmt(summary.get('seconds_per_epoch'), 2)} |")
     if not rows:
         raise FileNotFoundError("none of the runs finished with a result to compare")
-    plot_compare(curves, out)
+    write_figure(out, lambda path: plot_compare(curves, path), overwrite)
     header = ["| model | run | best valid acc | test acc | test F1 (weighted) | s/epoch |",
               "|---|---|---|---|---|---|"]
     return "\n".join(header + rows)

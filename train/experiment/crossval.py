@@ -17,7 +17,9 @@ import torch
 from pipeline.store import CacheReader
 from train.engine import checkpoint as ckpt
 from train.engine import run_folder as rf
+from train.evaluation.evaluator import open_run_cache
 from train.experiment import session
+from train.experiment.resume import restore_config, resume_point
 from train.engine.config import TrainConfig
 from train.data.folds import fold_rows, make_folds, read_cv_meta
 from train.evaluation.metrics import classification_report
@@ -64,9 +66,10 @@ def plan_cv(args, argv: list[str]) -> tuple[dict, session.TrainConfig]:
     return plan, config
 
 
-def run_fold(plan: dict, config, index: int, cv_dir: Path, dist, progress: str = "auto",
+def run_fold(plan: dict, config, index: int, cv_dir: Path, dist, progress: str = "auto", saved: bool = False,
              tensorboard: bool = False) -> dict | None:
-    """Train and evaluate fold `index`, continuing it if it was interrupted; its summary (None if stopped)."""
+    """Train and evaluate fold `index`, continuing it if it was interrupted; its summary (None if stopped). `saved`:
+    `config` comes from a saved plan (a resumed cross-validation)."""
     run_dir = rf.fold_dir(cv_dir, index)
     done = rf.read_summary(run_dir)
     if done is not None and done["status"] == rf.COMPLETE:
@@ -74,14 +77,18 @@ def run_fold(plan: dict, config, index: int, cv_dir: Path, dist, progress: str =
         return done
     resume = rf.RunFolder(run_dir).last.is_file()
     if resume:
-        fold_config = rf.read_run_config(run_dir)
+        # the checks of train.run --resume: last.pt loads and matches config.json, which is restored if missing
+        fold_config, last, restore = resume_point(run_dir)
+        reader = open_run_cache(fold_config, run_dir)
+        if restore and dist.is_main:
+            restore_config(run_dir, fold_config, reader.manifest, last)
         log.info("fold %d of %d: continuing %s", index + 1, len(plan["folds"]), run_dir)
     else:
         if dist.is_main and run_dir.exists():  # stopped before its first checkpoint: nothing to keep
             shutil.rmtree(run_dir)
         if dist.is_main:
             run_dir.mkdir()
-        fold_config = dataclasses.replace(config, fold=plan["folds"][index])
+        fold_config = dataclasses.replace(config, fold=plan["folds"][index], saved=saved)
         log.info("fold %d of %d: validating on %s", index + 1, len(plan["folds"]),
                  ", ".join(plan["folds"][index]["valid_groups"]))
     if dist.enabled:
@@ -158,15 +165,54 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _not_a_cv_folder(cv_dir: Path) -> session.RunError:
+    if not cv_dir.exists():
+        what = "does not exist"
+    elif not cv_dir.is_dir():
+        what = "is not a folder"
+    elif rf.RunFolder(cv_dir).config.is_file() or rf.RunFolder(cv_dir).last.is_file():
+        return session.RunError(f"{cv_dir} is a run folder (train.run), not a cross-validation folder; continue it "
+                                f"with python -m train.run MODEL --resume {cv_dir}")
+    else:
+        what = f"has no {PLAN}"
+    return session.RunError(f"{cv_dir} {what}; pass the folder that python -m train.cv printed last "
+                            f"(runs/cv-<model>-<timestamp>)")
+
+
+PLAN_SHAPE = {"model": str, "argv": list, "cache_dir": str, "cache_key": str, "folds": list}
+
+
+def check_plan(plan, cv_dir: Path, keys=tuple(PLAN_SHAPE)) -> None:
+    """RunError unless cv.json's `keys` are there, each of its kind (`folds` not empty)."""
+    wrong = [key for key in keys if not isinstance(plan, dict) or not isinstance(plan.get(key), PLAN_SHAPE[key])
+             or (key == "folds" and not plan[key])]
+    if wrong:
+        raise session.RunError(f"{cv_dir / PLAN}: not a plan of python -m train.cv ({', '.join(wrong)} missing or "
+                               f"of the wrong kind); the file was edited or damaged: start a new cross-validation")
+
+
+def read_plan(cv_dir: Path) -> dict:
+    """cv.json, refused (RunError) when it is unreadable or not a plan of train.cv (its model and arguments;
+    `open_plan` checks the rest)."""
+    path = cv_dir / PLAN
+    try:
+        plan = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise session.RunError(f"{path}: cannot be read ({err}); the cross-validation folder is damaged: "
+                               f"start a new cross-validation") from None
+    check_plan(plan, cv_dir, ("model", "argv"))
+    return plan
+
+
 def resume_plan(args, argv: list[str]) -> tuple[dict, argparse.Namespace]:
     cv_dir = Path(args.resume)
     if not (cv_dir / PLAN).is_file():
-        raise session.RunError(f"{cv_dir}: no {PLAN}; is it a folder made by python -m train.cv?")
-    try:
-        plan = json.loads((cv_dir / PLAN).read_text())
-    except (OSError, ValueError) as err:
-        raise session.RunError(f"{cv_dir / PLAN}: cannot be read ({err}); the cross-validation folder is damaged: "
-                               f"start a new cross-validation") from None
+        raise _not_a_cv_folder(cv_dir)
+    plan = read_plan(cv_dir)
+    if (cv_dir / SUMMARY).is_file():
+        raise session.RunError(f"{cv_dir} has finished: every fold trained and evaluated ({SUMMARY}), so there is "
+                               f"nothing to resume. Its figures are in {SUMMARY}; compare it with python -m "
+                               f"train.compare {cv_dir}; for another cross-validation, start a new one")
     _refuse_stop_after(args)
     # every flag but those that change nothing trained (args.given: what was typed, whatever its value)
     extra = [session.flag_of(name) for name in args.given
@@ -190,8 +236,9 @@ def open_plan(args, argv: list[str]) -> tuple[dict, TrainConfig, argparse.Namesp
         return plan, config, args, None
     cv_dir = Path(args.resume)
     plan, args = resume_plan(args, argv)
+    check_plan(plan, cv_dir)
     args.cache = Path(plan["cache_dir"])  # the planned cache, not whichever is newest now
-    config, _ = session.resolve_config(args)
+    config, _ = session.resolve_config(args, saved=True)  # accepted when planned: newer checks only warn
     if config.cache_key != plan["cache_key"]:
         raise ckpt.CheckpointError(f"{cv_dir} was planned on cache {plan['cache_key']} at {plan['cache_dir']}, which "
                                    f"now holds {config.cache_key}; rebuild that cache or start a new "

@@ -19,6 +19,7 @@ from train.engine import tensorboard as tb
 from train.engine.config import PRESETS, Stage, TrainConfig, check_seed, parse_stages
 from train.engine.distributed import Dist, resolve_device
 from train.evaluation.evaluator import evaluate_run, open_run_cache
+from train.experiment import resume
 from train.engine.trainer import Trainer, TrainingDiverged, estimate_seconds
 
 log = logging.getLogger(__name__)
@@ -211,9 +212,11 @@ def resume_conflicts(args, config: TrainConfig) -> list[str]:
     return conflicts + _stage_conflicts(args, config)
 
 
-def resolve_options(args) -> dict:
-    """The training options' values: the recipe's, replaced by the flags given; checked by flag name."""
-    return options.resolve({name: value for name, value in args.given.items() if name in options.OPTION})
+def resolve_options(args, saved: bool = False) -> dict:
+    """The training options' values: the recipe's, replaced by the flags given; checked by flag name (`saved`: the
+    flags of a saved plan, checked as a config.json is)."""
+    return options.resolve({name: value for name, value in args.given.items() if name in options.OPTION},
+                           saved=saved)
 
 
 def check_extras(args) -> None:
@@ -223,12 +226,13 @@ def check_extras(args) -> None:
         tb.require()
 
 
-def resolve_config(args) -> tuple[TrainConfig, bool]:
-    """The run's config, and whether it is a model's full preset recipe."""
+def resolve_config(args, saved: bool = False) -> tuple[TrainConfig, bool]:
+    """The run's config, and whether it is a model's full preset recipe. `saved`: `args` are a saved plan's (a
+    resumed cross-validation), whose settings were accepted when it was made (train.engine.options.check)."""
     check_extras(args)
     if args.model not in MODEL_NAMES:
         raise RunError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_NAMES)}")
-    training = resolve_options(args)
+    training = resolve_options(args, saved)
     check_seed(args.seed)
     if args.stages and args.epochs is not None:
         raise RunError("give --stages or --epochs, not both")
@@ -258,7 +262,8 @@ def resolve_config(args) -> tuple[TrainConfig, bool]:
     config = TrainConfig(model=args.model, cache_dir=str(Path(cache).resolve()), cache_key=manifest["key"],
                          stages=stages, seed=args.seed, device=device,
                          amp=device.startswith("cuda") if args.amp is None else args.amp, compile=args.compile,
-                         stem=args.stem, pretrained=str(args.pretrained) if args.pretrained else None, **training)
+                         stem=args.stem, pretrained=str(args.pretrained) if args.pretrained else None, **training,
+                         saved=saved)
     return config, not (args.stages or args.epochs is not None)
 
 
@@ -335,20 +340,32 @@ def train_and_evaluate(config: TrainConfig, run_dir: Path, dist: Dist, *, resume
 
 
 def check_resume(args) -> TrainConfig:
-    """The saved config of `args.resume`, refused (RunError naming the flags) when a flag given would change it."""
+    """The saved config of `args.resume`, refused (RunError naming the flags) when a flag given would change it, when
+    the run has nothing left to train, or when the folder cannot be resumed (train.experiment.resume says what holds).
+    A missing config.json is restored from last.pt, once every check has passed."""
     check_extras(args)
-    config = rf.read_run_config(args.resume)
     run_dir = args.resume
-    if not rf.RunFolder(run_dir).last.is_file():
-        raise RunError(f"{run_dir}: no {rf.LAST} to resume from (the run stopped before its first epoch ended); "
-                       f"start a new run")
+    config, last, restore = resume.resume_point(run_dir)
     conflicts = resume_conflicts(args, config)
     if conflicts:
         raise RunError(f"--resume continues {run_dir} with its saved settings, but these flags would change "
                        f"it: {'; '.join(conflicts)}. Drop them (with --resume a flag may repeat the run's "
                        f"saved value, and {', '.join(map(flag_of, RESUME_MAY_CHANGE))} may change), or start a "
                        f"new run")
-    open_run_cache(config, run_dir)
+    done = last["epoch"] + 1
+    summary = rf.read_summary(run_dir) if not restore else None
+    if done >= config.total_epochs and summary is not None and summary["status"] == rf.COMPLETE:
+        epochs = f"all {config.total_epochs} epochs" if config.total_epochs > 1 else "its 1 epoch"
+        raise RunError(f"{run_dir} has finished: {epochs} trained and evaluated "
+                       f"({rf.SUMMARY}: {rf.COMPLETE}), so there is nothing to resume. Its figures are in "
+                       f"{rf.SUMMARY}; python -m train.evaluate {run_dir} evaluates it again; to train longer, start a "
+                       f"new run")
+    if args.stop_after is not None and args.stop_after <= done:
+        raise RunError(f"--stop-after {args.stop_after}: {run_dir} has already finished epoch {done} ({rf.LAST}); "
+                       f"give a later epoch (up to {config.total_epochs}), or drop --stop-after")
+    reader = open_run_cache(config, run_dir)
+    if restore:
+        resume.restore_config(run_dir, config, reader.manifest, last)
     return config
 
 
