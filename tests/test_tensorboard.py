@@ -23,7 +23,8 @@ from train.cv import main as cv_main
 from train.data.loader import loader_for
 from train.engine import run_folder as rf
 from train.engine import tensorboard as tb
-from train.engine.trainer import Trainer, augment_generator
+from train.data.seeds import augment_generator
+from train.engine.trainer import Trainer
 from train.experiment.session import parse_args, resolve_config
 from train.run import main
 
