@@ -8,6 +8,7 @@ asked for is never lost to a second command)."""
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from train.evaluation.picks import CLASS_NAMES  # noqa: E402
 PANEL_IN = 1.7  # inches per picture at 100 dpi: 170 px, legible at 100% whatever the cell's size in px
 CAPTION_IN = 0.5  # three caption lines at 7.5 pt
 GAP_IN = 0.12  # between tiles
+TITLE_CHAR_IN = 0.075  # the width of an average character of the 9.5 pt title, with some room
 DPI = 100
 NAME_CHARS = 30  # a longer file name is shortened in the middle, keeping both ends
 
@@ -76,8 +78,11 @@ def draw(tiles: list[Tile], title: str, out: Path, columns: int, replace: bool, 
     columns = max(1, min(columns, len(tiles)))
     rows = max(1, -(-len(tiles) // columns))
     tile_w, tile_h = panels * PANEL_IN * 1.04, PANEL_IN + CAPTION_IN  # 1.04: room for the gaps between panels
+    width = max(columns * (tile_w + GAP_IN) + GAP_IN, 6.0)
+    # a title wider than a narrow grid wraps instead of running off the figure
+    title = "\n".join(textwrap.fill(line, int(width / TITLE_CHAR_IN)) for line in title.splitlines())
     title_h, bar_h = 0.18 * (title.count("\n") + 1) + 0.2, (0.75 if colorbar else 0.0)
-    width, height = max(columns * (tile_w + GAP_IN) + GAP_IN, 6.0), title_h + rows * (tile_h + GAP_IN) + bar_h
+    height = title_h + rows * (tile_h + GAP_IN) + bar_h
     fig = plt.figure(figsize=(width, height), dpi=DPI)
     fig.text(0.5, 1 - 0.12 / height, title, ha="center", va="top", fontsize=9.5)
     if not tiles:
