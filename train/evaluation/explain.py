@@ -30,7 +30,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pipeline import parallel
 from train.data.loader import loader_for
 from train.engine.distributed import Dist
-from train.engine.loop import predict
+from train.engine.loop import predict_split
 from train.evaluation import gallery, picks
 from train.evaluation.evaluator import open_run_cache
 from train.evaluation.metrics import predicted_labels
@@ -146,7 +146,8 @@ def explain_split(predictor: Predictor, run_dir: Path, split: str, n: int, metho
                            f"{', '.join(sorted(reader.manifest['splits']))}); pass one of those as --split")
     loader = loader_for(reader, predictor.size, split, batch_size or predictor.batch_size, config.fold,
                         device=predictor.device)
-    probs, labels = predict(predictor.model, loader, predictor.augment, predictor.precision, predictor.device, Dist())
+    probs, labels = predict_split(predictor.model, loader, predictor.augment, predictor.precision, predictor.device,
+                                  Dist())
     probs_all = probs[:, predictor.all_index]
     chosen = picks.useful_cells(probs_all, labels, n)
     rows = [p.index for p in chosen]
