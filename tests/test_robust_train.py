@@ -105,8 +105,10 @@ def test_a_missing_best_pt_is_rewritten_from_last_pt(cache, tmp_path, capsys):
     best_epoch = ckpt.load(run_dir / "last.pt")["progress"]["best_epoch"]
     (run_dir / "best.pt").unlink()
     (run_dir / "last.pt.tmp").write_bytes(b"half a checkpoint")
-    assert main(["resnet18", "--resume", str(run_dir), "--no-progress", "--stop-after", "2"]) == 0
-    assert ckpt.load(run_dir / "best.pt")["epoch"] == best_epoch
+    # one more epoch: resuming a run that has already finished its --stop-after epoch is refused
+    assert main(["resnet18", "--resume", str(run_dir), "--no-progress", "--stop-after", "3"]) == 0
+    # best.pt was rewritten from last.pt on resume; epoch 3 (index 2) replaces it only if it improved
+    assert ckpt.load(run_dir / "best.pt")["epoch"] in (best_epoch, 2)
     assert not (run_dir / "last.pt.tmp").exists()
 
 
