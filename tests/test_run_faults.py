@@ -94,6 +94,14 @@ def test_a_deleted_config_json_is_restored_from_last_pt_and_the_run_goes_on(stop
     assert rf.read_summary(stopped_copy)["status"] == rf.COMPLETE
 
 
+def test_a_damaged_config_json_beside_a_good_last_pt_says_how_to_restore_it(stopped_copy, capsys):
+    (stopped_copy / rf.CONFIG).write_text("{half a file")
+    assert _resume(stopped_copy) == 2
+    err = capsys.readouterr().err
+    assert "config.json: cannot be read" in err
+    assert "last.pt carries the settings it was trained with: delete config.json and --resume writes it again" in err
+
+
 def test_a_cut_last_pt_says_that_best_pt_holds_and_how_to_go_on_from_it(stopped_copy, capsys):
     last = stopped_copy / rf.LAST
     last.write_bytes(last.read_bytes()[:100_000])
@@ -117,7 +125,8 @@ def test_a_cut_last_pt_without_a_usable_best_pt_says_start_a_new_run(stopped_cop
     assert "best.pt cannot be loaded either" in err and "nothing in" in err and "start a new run" in err
 
 
-def test_a_finished_run_is_not_resumed_and_a_past_stop_after_is_refused(finished, stopped_copy, tmp_path, capsys):
+def test_a_finished_run_is_not_resumed_and_a_past_stop_after_trains_nothing(finished, stopped_copy, tmp_path, capsys,
+                                                                            caplog):
     done = Path(shutil.copytree(finished, tmp_path / "done"))
     summary = (done / rf.SUMMARY).read_text()
     assert _resume(done) == 2  # it used to evaluate the run again and exit 0
@@ -125,10 +134,12 @@ def test_a_finished_run_is_not_resumed_and_a_past_stop_after_is_refused(finished
     assert "has finished: its 1 epoch trained and evaluated" in err and f"python -m train.evaluate {done}" in err
     assert (done / rf.SUMMARY).read_text() == summary
     last = (stopped_copy / rf.LAST).read_bytes()
-    assert _resume(stopped_copy, "--stop-after", "1") == 2  # it used to train epoch 2, then stop
-    err = capsys.readouterr().err
-    assert "--stop-after 1: " in err and "has already finished epoch 1 (last.pt); give a later epoch (up to 2)" in err
-    assert (stopped_copy / rf.LAST).read_bytes() == last
+    with caplog.at_level(logging.WARNING):
+        assert _resume(stopped_copy, "--stop-after", "1") == 0  # it used to train epoch 2 without a word
+    assert "--stop-after 1: " in caplog.text and "has already finished epoch 1 (last.pt), so no epoch is trained" \
+        in caplog.text
+    assert "stopped after epoch 1 of 2" in capsys.readouterr().out
+    assert (stopped_copy / rf.LAST).read_bytes() == last and len(pd.read_csv(stopped_copy / rf.METRICS)) == 1
 
 
 def test_resume_of_a_file_or_a_missing_folder_names_it(tmp_path, capsys):
@@ -206,6 +217,17 @@ def test_cv_resume_of_what_is_no_cv_folder_or_a_finished_one(stopped, tmp_path, 
     (done / rf.CV_SUMMARY).write_text("{}")
     assert cv_main(["resnet18", "--resume", str(done)]) == 2
     assert "has finished: every fold trained and evaluated" in capsys.readouterr().err
+
+
+def test_a_cv_fold_with_an_edited_config_json_is_refused_as_a_run_is(stopped, tmp_path):
+    from train.engine.distributed import Dist
+    from train.experiment.crossval import run_fold
+    fold = Path(shutil.copytree(stopped, rf.fold_dir(tmp_path / "cv", 0)))
+    data = json.loads((fold / rf.CONFIG).read_text())
+    data["config"]["seed"] = 7
+    (fold / rf.CONFIG).write_text(json.dumps(data))
+    with pytest.raises(rf.RunFolderError, match=r"seed 7 \(last.pt: 0\)"):  # it used to resume with seed 7
+        run_fold({"folds": [{}]}, None, 0, tmp_path / "cv", Dist())
 
 
 # ---------------------------------------------------------------- train.compare

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -337,10 +338,12 @@ def check_resume(args) -> TrainConfig:
                        f"{rf.SUMMARY}; python -m train.evaluate {run_dir} evaluates it again; to train longer, start a "
                        f"new run")
     if args.stop_after is not None and args.stop_after <= done:
-        raise RunError(f"--stop-after {args.stop_after}: {run_dir} has already finished epoch {done} ({rf.LAST}); "
-                       f"give a later epoch (up to {config.total_epochs}), or drop --stop-after")
+        log.warning("--stop-after %d: %s has already finished epoch %d (%s), so no epoch is trained; give a later "
+                    "epoch (up to %d) to train on, or drop --stop-after", args.stop_after, run_dir, done, rf.LAST,
+                    config.total_epochs)
     reader = open_run_cache(config, run_dir)
-    if restore:
+    # one writer under torchrun: its process group is not up yet, but its RANK says which process is the first
+    if restore and os.environ.get("RANK", "0") == "0":
         resume.restore_config(run_dir, config, reader.manifest, last)
     return config
 
