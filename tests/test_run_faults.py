@@ -159,7 +159,6 @@ def test_resume_of_a_file_or_a_missing_folder_names_it(tmp_path, capsys):
      "--warmup-epochs 2 is longer than stage 2 (24 px, 1 epoch): every stage restarts the warmup, so that stage would "
      "end before its lr reached --lr 0.005; give --warmup-epochs 1 or less, or longer stages"),
     (["--stages", "16:2", "--lr-drop", "5"], "--lr-drop 5 is after the run's last epoch (2): the drop would never"),
-    (["--stages", "16:2", "--lr-drop", "plateau:2"], "--lr-drop plateau:2 can never fire"),
     (["--stages", "16:2", "--warmup-epochs", "1", "--warmup-lr", "1.0"],
      "--warmup-lr 1 is above --lr 0.005: a warmup rises from --warmup-lr to the lr"),
     (["--stages", "16:2", "--warmup-lr", "0.001"], "--warmup-lr is where a warmup starts; this run has --warmup-ep"),
@@ -168,6 +167,19 @@ def test_options_that_would_do_nothing_or_the_opposite_are_refused_by_flag(cache
     assert main([*RUN, *common(cache, tmp_path), *flags]) == 2  # each used to be accepted without a word
     assert message in capsys.readouterr().err
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_a_plateau_no_stage_is_long_enough_for_is_warned_about_once(cache, caplog):
+    args = parse_args(["resnet18", "--stages", "16:2", "--lr-drop", "plateau:2", "--cache", str(cache), "--device",
+                       "cpu"])
+    options._warned.clear()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert resolve_config(args)[0].lr_drop_patience == 2  # kept: a trial may keep a longer recipe's flags
+    assert [r.getMessage() for r in caplog.records] == [  # it used to say nothing
+        "--lr-drop plateau:2 can never fire: the plateau counter restarts with every stage and the longest stage has "
+        "2 epochs, so at most 1 without a better valid accuracy: the run trains without it (to use it: plateau:1 or "
+        "less)"]
 
 
 def test_the_modern_recipe_still_fits_one_epoch_stages(cache):

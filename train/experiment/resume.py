@@ -14,6 +14,7 @@ from train.engine import checkpoint as ckpt
 from train.engine import run_folder as rf
 from train.engine.config import TrainConfig
 from train.engine.trainer import SCHEDULE_KEY, preprocess_record
+from train.evaluation.evaluator import open_run_cache
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ def _loads(path: Path) -> bool:
 
 def resume_point(run_dir: Path) -> tuple[TrainConfig, dict, bool]:
     """(the config to resume with, last.pt's state, whether config.json is missing and must be restored from last.pt
-    before the run goes on). Nothing is written here. RunFolderError / CheckpointError with what to do."""
+    before the run goes on). Nothing is written here. RunFolderError / CheckpointError with what to do; a run whose
+    cache no longer holds its key is refused as train.evaluate refuses it."""
     folder = rf.RunFolder(run_dir)
     missing = folder.path.is_dir() and not folder.config.is_file() and folder.last.is_file() \
         and not rf.is_cv_folder(folder.path)
@@ -111,6 +113,8 @@ def resume_point(run_dir: Path) -> tuple[TrainConfig, dict, bool]:
     trained = trained_config(last, folder.last)
     if missing:
         return trained, last, True
+    # the cache first: a cache that no longer holds the run's key says "rebuild that cache" whatever else differs
+    open_run_cache(config, run_dir)
     changed = differences(config, trained)
     if changed:
         raise rf.RunFolderError(
