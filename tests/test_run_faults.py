@@ -94,6 +94,14 @@ def test_a_deleted_config_json_is_restored_from_last_pt_and_the_run_goes_on(stop
     assert rf.read_summary(stopped_copy)["status"] == rf.COMPLETE
 
 
+def test_a_damaged_config_json_beside_a_good_last_pt_says_how_to_restore_it(stopped_copy, capsys):
+    (stopped_copy / rf.CONFIG).write_text("{half a file")
+    assert _resume(stopped_copy) == 2
+    err = capsys.readouterr().err
+    assert "config.json: cannot be read" in err
+    assert "last.pt carries the settings it was trained with: delete config.json and --resume writes it again" in err
+
+
 def test_a_cut_last_pt_says_that_best_pt_holds_and_how_to_go_on_from_it(stopped_copy, capsys):
     last = stopped_copy / rf.LAST
     last.write_bytes(last.read_bytes()[:100_000])
@@ -125,10 +133,10 @@ def test_a_finished_run_is_not_resumed_and_a_past_stop_after_is_refused(finished
     assert "has finished: its 1 epoch trained and evaluated" in err and f"python -m train.evaluate {done}" in err
     assert (done / rf.SUMMARY).read_text() == summary
     last = (stopped_copy / rf.LAST).read_bytes()
-    assert _resume(stopped_copy, "--stop-after", "1") == 2  # it used to train epoch 2, then stop
+    assert _resume(stopped_copy, "--stop-after", "1") == 2  # it used to train epoch 2 without a word
     err = capsys.readouterr().err
-    assert "--stop-after 1: " in err and "has already finished epoch 1 (last.pt); give a later epoch (up to 2)" in err
-    assert (stopped_copy / rf.LAST).read_bytes() == last
+    assert "--stop-after 1: " in err and "has already finished epoch 1 (last.pt)" in err and "up to 2" in err
+    assert (stopped_copy / rf.LAST).read_bytes() == last and len(pd.read_csv(stopped_copy / rf.METRICS)) == 1
 
 
 def test_resume_of_a_file_or_a_missing_folder_names_it(tmp_path, capsys):
@@ -148,7 +156,6 @@ def test_resume_of_a_file_or_a_missing_folder_names_it(tmp_path, capsys):
      "--warmup-epochs 2 is longer than stage 2 (24 px, 1 epoch): every stage restarts the warmup, so that stage would "
      "end before its lr reached --lr 0.005; give --warmup-epochs 1 or less, or longer stages"),
     (["--stages", "16:2", "--lr-drop", "5"], "--lr-drop 5 is after the run's last epoch (2): the drop would never"),
-    (["--stages", "16:2", "--lr-drop", "plateau:2"], "--lr-drop plateau:2 can never fire"),
     (["--stages", "16:2", "--warmup-epochs", "1", "--warmup-lr", "1.0"],
      "--warmup-lr 1 is above --lr 0.005: a warmup rises from --warmup-lr to the lr"),
     (["--stages", "16:2", "--warmup-lr", "0.001"], "--warmup-lr is where a warmup starts; this run has --warmup-ep"),
@@ -157,6 +164,19 @@ def test_options_that_would_do_nothing_or_the_opposite_are_refused_by_flag(cache
     assert main([*RUN, *common(cache, tmp_path), *flags]) == 2  # each used to be accepted without a word
     assert message in capsys.readouterr().err
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_a_plateau_no_stage_is_long_enough_for_is_warned_about_once(cache, caplog):
+    args = parse_args(["resnet18", "--stages", "16:2", "--lr-drop", "plateau:2", "--cache", str(cache), "--device",
+                       "cpu"])
+    options._warned.clear()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert resolve_config(args)[0].lr_drop_patience == 2  # kept: a trial may keep a longer recipe's flags
+    assert [r.getMessage() for r in caplog.records] == [  # it used to say nothing
+        "--lr-drop plateau:2 can never fire: the plateau counter restarts with every stage and the longest stage has "
+        "2 epochs, so at most 1 without a better valid accuracy: the run trains without it (to use it: plateau:1 or "
+        "less)"]
 
 
 def test_the_modern_recipe_still_fits_one_epoch_stages(cache):
@@ -206,6 +226,17 @@ def test_cv_resume_of_what_is_no_cv_folder_or_a_finished_one(stopped, tmp_path, 
     (done / rf.CV_SUMMARY).write_text("{}")
     assert cv_main(["resnet18", "--resume", str(done)]) == 2
     assert "has finished: every fold trained and evaluated" in capsys.readouterr().err
+
+
+def test_a_cv_fold_with_an_edited_config_json_is_refused_as_a_run_is(stopped, tmp_path):
+    from train.engine.distributed import Dist
+    from train.experiment.crossval import run_fold
+    fold = Path(shutil.copytree(stopped, rf.fold_dir(tmp_path / "cv", 0)))
+    data = json.loads((fold / rf.CONFIG).read_text())
+    data["config"]["seed"] = 7
+    (fold / rf.CONFIG).write_text(json.dumps(data))
+    with pytest.raises(rf.RunFolderError, match=r"seed 7 \(last.pt: 0\)"):  # it used to resume with seed 7
+        run_fold({"folds": [{}]}, None, 0, tmp_path / "cv", Dist())
 
 
 # ---------------------------------------------------------------- train.compare

@@ -191,8 +191,9 @@ OPTIONS = (
                       "the lr of each epoch's first step. --lr-drop without --sched: plateau with plateau:N, else "
                       "step", "step", "cosine", choices=SCHEDULES),
     Option("--lr-drop", "epochs (1-based, global) at which lr /= 10, and/or plateau:N for whenever valid accuracy "
-                        "has not improved for N epochs of the stage; a drop the run cannot reach (an epoch after its "
-                        "last, N not below the longest stage's epochs) is refused, as it would do nothing",
+                        "has not improved for N epochs of the stage; an epoch after the run's last is refused (that "
+                        "drop would never come), a plateau:N no stage is long enough for is warned about once (it "
+                        "would never fire, but a short trial may keep a longer recipe's flags)",
            ((), None), ((), None),
            metavar="EPOCH|plateau:N", nargs="+", fields=("lr_drop_epochs", "lr_drop_patience"),
            from_flag=parse_lr_drop, text=_drops_text, in_recipe=False,
@@ -282,23 +283,31 @@ def _plateau_longer_than_every_stage(v) -> tuple[str, str] | None:
     # a stage's first epoch always improves on the stage's best (which starts at none), so a stage of E epochs
     # counts at most E - 1 epochs without improvement
     return (f"--lr-drop plateau:{patience} can never fire: the plateau counter restarts with every stage and the "
-            f"longest stage has {longest} epochs, so at most {longest - 1} without a better valid accuracy",
-            f"give plateau:{longest - 1} or less" if longest > 1 else "drop plateau:N (or use longer stages)")
+            f"longest stage has {longest} epoch{'s' if longest > 1 else ''}, so at most {longest - 1} without a "
+            f"better valid accuracy", f"plateau:{longest - 1} or less" if longest > 1 else "longer stages")
 
 
 # Checks added after runs were saved without them, (values) -> (what is wrong, what to do) or None: a new run is
 # refused, a config.json (or a cross-validation's saved plan) only warned about, once per process - such a run has
 # trained this way already, and its folder must still resume and evaluate as it did. The stage rules apply where the
 # stages are known (`values["stages"]`: a TrainConfig's, each with `size` and `epochs`).
-RULES_SINCE_SAVED = (_warmup_above_lr, _warmup_longer_than_a_stage, _drop_after_the_run,
-                     _plateau_longer_than_every_stage)
+RULES_SINCE_SAVED = (_warmup_above_lr, _warmup_longer_than_a_stage, _drop_after_the_run)
+# Settings that do nothing here but may be meant (a short trial run keeping a long recipe's --lr-drop plateau:N):
+# warned about once, never refused.
+WARNINGS = (_plateau_longer_than_every_stage,)
 _warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
 
 
 def check(values: Mapping, *, saved: bool = False) -> None:
     """The one check of a set of training-option values (TrainConfig field names), each error naming its flag:
     every option's own, then how they fit together. ValueError. With `saved` (a config.json, a saved plan) the
-    checks of RULES_SINCE_SAVED log a warning instead."""
+    checks of RULES_SINCE_SAVED log a warning instead; WARNINGS always do."""
     for row in OPTIONS:
         row.check(values)
     for broken, message in RULES:
@@ -311,10 +320,11 @@ def check(values: Mapping, *, saved: bool = False) -> None:
         what, fix = found
         if not saved:
             raise ValueError(f"{what}; {fix}")
-        if what not in _warned:
-            _warned.add(what)
-            log.warning("%s; the run was saved with this setting before new runs were refused it, and keeps it",
-                        what)
+        _warn_once(f"{what}; the run was saved with this setting before new runs were refused it, and keeps it")
+    for rule in WARNINGS:
+        found = rule(values)
+        if found is not None:
+            _warn_once(f"{found[0]}: the run trains without it (to use it: {found[1]})")
 
 
 def resolve(given: Mapping[str, Any], *, saved: bool = False) -> dict:

@@ -265,9 +265,11 @@ class Trainer:
     # ------------------------------------------------------------------ the run
 
     def fit(self, stop_after_epoch: int | None = None) -> None:
-        """Train from the epoch after `state.epoch` to the end (or to global epoch `stop_after_epoch`, 1-based)."""
+        """Train from the epoch after `state.epoch` to the end (or to global epoch `stop_after_epoch`, 1-based: none
+        when a resumed run has passed it already)."""
         cfg = self.config
-        for epoch in range(self.state.epoch + 1, cfg.total_epochs):
+        end = cfg.total_epochs if stop_after_epoch is None else min(cfg.total_epochs, stop_after_epoch)
+        for epoch in range(self.state.epoch + 1, end):
             index = cfg.stage_of(epoch)
             stage = cfg.stages[index]
             if epoch == cfg.stage_start(index) and index > 0:
@@ -299,8 +301,6 @@ class Trainer:
             if tap is not None and tap.images is not None:  # after the epoch, once per stage: no step waits for it
                 self.board.train_views(epoch + 1, index + 1, stage.size, tap.images, augment,
                                        augment_generator(cfg.seed, epoch, self.dist.rank))
-            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
-                break
         self.writer.wait()
         if self.dist.enabled:
             torch.distributed.barrier()  # every rank may read best.pt once rank 0 has written it

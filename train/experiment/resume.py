@@ -14,6 +14,7 @@ from train.engine import checkpoint as ckpt
 from train.engine import run_folder as rf
 from train.engine.config import TrainConfig
 from train.engine.trainer import SCHEDULE_KEY, preprocess_record
+from train.evaluation.evaluator import open_run_cache
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +81,28 @@ def damaged_last(folder: rf.RunFolder, err: Exception) -> ckpt.CheckpointError:
         f"then resume again; or start a new run")
 
 
+def _loads(path: Path) -> bool:
+    try:
+        trained_config(ckpt.load(path), path)
+        return True
+    except ckpt.CheckpointError:
+        return False
+
+
 def resume_point(run_dir: Path) -> tuple[TrainConfig, dict, bool]:
     """(the config to resume with, last.pt's state, whether config.json is missing and must be restored from last.pt
-    before the run goes on). Nothing is written here. RunFolderError / CheckpointError with what to do."""
+    before the run goes on). Nothing is written here. RunFolderError / CheckpointError with what to do; a run whose
+    cache no longer holds its key is refused as train.evaluate refuses it."""
     folder = rf.RunFolder(run_dir)
     missing = folder.path.is_dir() and not folder.config.is_file() and folder.last.is_file() \
         and not rf.is_cv_folder(folder.path)
-    config = None if missing else rf.read_run_config(run_dir)  # its errors: not a folder, a CV folder, unreadable
+    try:
+        config = None if missing else rf.read_run_config(run_dir)  # its errors: not a folder, a CV folder, unreadable
+    except rf.RunFolderError as err:
+        if not (folder.config.is_file() and _loads(folder.last)):
+            raise
+        raise rf.RunFolderError(f"{err} ({rf.LAST} carries the settings it was trained with: delete {rf.CONFIG} and "
+                                f"--resume writes it again from {rf.LAST})") from None
     if not folder.last.is_file():
         raise rf.RunFolderError(f"{run_dir}: no {rf.LAST} to resume from (the run stopped before its first epoch "
                                 f"ended); start a new run")
@@ -97,6 +113,8 @@ def resume_point(run_dir: Path) -> tuple[TrainConfig, dict, bool]:
     trained = trained_config(last, folder.last)
     if missing:
         return trained, last, True
+    # the cache first: a cache that no longer holds the run's key says "rebuild that cache" whatever else differs
+    open_run_cache(config, run_dir)
     changed = differences(config, trained)
     if changed:
         raise rf.RunFolderError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -364,7 +365,8 @@ def check_resume(args) -> TrainConfig:
         raise RunError(f"--stop-after {args.stop_after}: {run_dir} has already finished epoch {done} ({rf.LAST}); "
                        f"give a later epoch (up to {config.total_epochs}), or drop --stop-after")
     reader = open_run_cache(config, run_dir)
-    if restore:
+    # one writer under torchrun: its process group is not up yet, but its RANK says which process is the first
+    if restore and os.environ.get("RANK", "0") == "0":
         resume.restore_config(run_dir, config, reader.manifest, last)
     return config
 
