@@ -132,11 +132,13 @@ def test_useful_cells_fill_each_group_in_order():
         "certain call")
 
 
-def test_read_rows_gives_the_rows_asked_in_the_order_asked(cache):
+@pytest.mark.parametrize("split, rows", [("train", None), (("train", "valid"), [30, 2, 7, 33, 12, 39])],
+                         ids=["a split", "a fold's rows of train + valid"])
+def test_read_rows_gives_the_rows_asked_in_the_order_asked(cache, split, rows):
     from train.data.loader import CacheLoader
-    loader = CacheLoader(cache, SIZE, "train", 4)
+    loader = CacheLoader(cache, SIZE, split, 4, rows=rows)
     everything = torch.cat([x for x, _ in loader])
-    order = [5, 1, 3, len(everything) - 1]
+    order = [len(everything) - 1, 1, 3, 0]
     assert torch.equal(read_rows(loader, order), everything[order])
 
 

@@ -40,10 +40,12 @@ from train.evaluation.predictor import Entry, PredictError, Predictor, gather, p
 log = logging.getLogger(__name__)
 
 MAX_CELLS = 64  # a grid of more cells is no longer read cell by cell; and it bounds the work after the choice
-CAM_BATCH = 8  # cells per map computation: the backward pass of a ResNet152 at 224 px stays near 1 GB on a CPU
+# cells per map computation: the backward pass of 8 cells through a ResNet152 at 224 px added 1.8 GB to the peak
+# memory on the CPU (34 s on the busy 2-core machine); a ResNet18 at 96 px needs a small part of that
+CAM_BATCH = 8
 COLUMNS = 4  # cells per row of the grid (each cell is two pictures: the view and the map over it)
 # Methods that run the model once per channel of the target layer (512 for ResNet18, 2048 for ResNet50/152) for
-# every cell: minutes on a CPU, where the gradient methods take a second. Named here to warn; still offered.
+# every cell: minutes on a CPU, where the gradient methods take seconds. Named here to warn; still offered.
 SLOW_METHODS = ("ablationcam", "scorecam")
 
 
