@@ -193,8 +193,9 @@ def test_evaluating_one_split_keeps_the_others(cache, tmp_path, capsys):
     assert after["best_valid_acc"] == before["best_valid_acc"] is not None
     assert after["splits"] == before["splits"]
     assert evaluate_main([str(run_dir), "--split", "valid", "--checkpoint", "last.pt", "--device", "cpu"]) == 0
-    last = json.loads((run_dir / "summary.json").read_text())
+    last = json.loads((run_dir / "eval-last" / "summary.json").read_text())  # beside the run's, not over it
     assert last["checkpoint"] == "last.pt" and set(last["splits"]) == {"valid"}  # no mixing of checkpoints
+    assert json.loads((run_dir / "summary.json").read_text())["splits"] == before["splits"]
 
 
 def test_compiled_progressive_resizing_traces_one_static_graph_per_stage(cache, tmp_path, monkeypatch):

@@ -10,9 +10,10 @@ whose images, labels and patients are used. Each image goes through the build's 
 parameters saved in the run's config.json (the cache folder may be gone), then the evaluation's centre crop and
 normalisation, at the size the checkpoint was trained at.
 Writes --out (default predictions.csv): path, patient, prob_all, predicted_label (1 = all) and, where a source gave
-labels, label; beside it <stem>_patients.csv (patient, cells, predicted_all_share, mean_prob_all) when a patient id
-is known, and <stem>_skipped.csv (path, reason) for images left out with --on-error skip. An existing file is never
-replaced. The last line printed is the predictions CSV.
+labels, label (a path's bytes that are no UTF-8 as \\xNN and its backslashes doubled, so each row names one file);
+beside it <stem>_patients.csv (patient, cells, predicted_all_share, mean_prob_all) when a patient id is known, and
+<stem>_skipped.csv (path, reason) for images left out with --on-error skip. An existing file is never replaced. The
+last line printed is the predictions CSV.
 """
 from __future__ import annotations
 
@@ -45,10 +46,12 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("run_dir", type=Path, help="a run folder made by python -m train.run")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or source folders")
-    p.add_argument("--checkpoint", default="best.pt", help="checkpoint file in the run folder (best.pt or last.pt)")
+    p.add_argument("--checkpoint", default="best.pt",
+                   help="a checkpoint in the run folder (best.pt or last.pt); one from another folder is refused")
     p.add_argument("--out", type=_out_file, default=Path("predictions.csv"), help="predictions CSV (must not exist)")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default: the checkpoint stage's; with "
-                                                  "--tta an eighth of it, as each image becomes 8 views)")
+                                                  "--tta an eighth of it, as each image becomes 8 views; at most "
+                                                  "the images read at a time, 512)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips and quarter turns of each image")
     p.add_argument("--on-error", choices=ON_ERROR, default="fail",
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
     except ValueError as err:  # PredictError, SourceError, CheckpointError, CacheError; a size not in the record
         print(f"error: {err}", file=sys.stderr)
         return 2
-    _report(predictor, table, patients, skipped, args.tta, args.checkpoint,
+    _report(predictor, table, patients, skipped, args.tta, predictor.checkpoint,
             {"patients": patients_path, "skipped": skipped_path})
     print(args.out.resolve())
     return 0

@@ -93,6 +93,64 @@ def check_compatible(state: dict, model: str, cache_key: str, path: Path) -> Non
                               f"pass the run's own cache (--cache) or start a new run")
 
 
+def check_run_state(state: dict, path: Path) -> None:
+    """CheckpointError unless `state` has what every checkpoint of train.run has: `model` weights, the `config` it
+    was trained with, its `epoch` and `stage` (a bare state_dict, e.g. torchvision's weights, has none of them)."""
+    missing = [k for k in ("model", "config", "epoch", "stage") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a checkpoint of python -m train.run (no {', '.join(map(repr, missing))} "
+                              f"in it); pass a run's best.pt or last.pt")
+    if not isinstance(state["config"], dict) or type(state["epoch"]) is not int or type(state["stage"]) is not int:
+        raise CheckpointError(f"{path}: not a checkpoint of python -m train.run (its `config`, `epoch` or `stage` is "
+                              f"of the wrong type); the file was edited or damaged")
+
+
+def check_stage(state: dict, stages, path: Path) -> int:
+    """The checkpoint's stage index, refused (CheckpointError) when it is not one of the run's `stages`
+    (TrainConfig.stages) or was trained at another size there: the checkpoint then belongs to another run."""
+    index = state["stage"]
+    if not 0 <= index < len(stages):
+        raise CheckpointError(f"{path}: stage {index!r} is not one of the run's {len(stages)} stages; the checkpoint "
+                              f"does not belong to this run")
+    own = state["config"].get("stages")  # the stages the checkpoint was trained with
+    own_size = own[index].get("size") if isinstance(own, list) and index < len(own) and isinstance(
+        own[index], dict) else None
+    if own_size is not None and own_size != stages[index].size:
+        raise CheckpointError(f"{path}: trained at {own_size} px in stage {index + 1}, but the run's stage {index + 1} "
+                              f"is {stages[index].size} px; the checkpoint belongs to another run")
+    return index
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "x".join(map(str, tensor.shape)) or "scalar"
+
+
+def load_weights(model: torch.nn.Module, weights, path: Path, model_name: str) -> None:
+    """A checkpoint's `model` weights into `model` (the run's `model_name`), refused (CheckpointError naming the
+    file and the first difference) when they are of another architecture, rather than load_state_dict's traceback
+    listing every mismatch."""
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{path}: its `model` entry is not a model's weights (a {type(weights).__name__}); "
+                              f"the file was edited or damaged")
+    expected = model.state_dict()
+    difference = None
+    for key, tensor in expected.items():
+        if key not in weights:
+            difference = f"no {key} in the file"
+        elif weights[key].shape != tensor.shape:
+            difference = f"{key} {_shape(weights[key])} vs {_shape(tensor)}"
+        if difference:
+            break
+    else:
+        extra = [k for k in weights if k not in expected]
+        difference = f"{extra[0]} in the file is not in {model_name}" if extra else None
+    if difference:
+        raise CheckpointError(f"{path} holds weights of another architecture than the run's {model_name} (first "
+                              f"mismatch: {difference}); it does not belong to this run: use the run folder it "
+                              f"came from, or another checkpoint of this run")
+    model.load_state_dict(weights)
+
+
 class AsyncWriter:
     """One write in flight at a time: the training loop copies state to the CPU and goes on while it is saved.
 

@@ -35,6 +35,8 @@ METRICS = "metrics.csv"
 SUMMARY = "summary.json"
 CURVES = "curves.png"
 # a cross-validation folder (train.cv): its plan marks it, its summary ends it; its runs are fold-0, fold-1, ...
+# the reports of a checkpoint other than best.pt (`train.evaluate --checkpoint last.pt`): eval-last/ in the run folder
+EVAL_PREFIX = "eval-"
 CV_PLAN = "cv.json"
 CV_SUMMARY = "cv_summary.json"
 
@@ -101,6 +103,15 @@ class RunFolder:
 
     def mistakes(self, split: str) -> Path:
         return self.path / f"mistakes_{split}.png"
+
+
+def reports_dir(run_dir: Path, checkpoint: str) -> Path:
+    """Where the evaluation of `checkpoint` (a file name in the run folder) writes its reports and summary.json: the
+    run folder itself for best.pt - the run's result, which train.run's own evaluation writes and train.compare
+    reads - and `eval-<stem>/` inside it for any other checkpoint (eval-last/ for last.pt), so that evaluating
+    another checkpoint never replaces the run's figures."""
+    run_dir = Path(run_dir)
+    return run_dir if checkpoint == BEST else run_dir / f"{EVAL_PREFIX}{Path(checkpoint).stem}"
 
 
 def fold_dir(cv_dir: Path, index: int) -> Path:

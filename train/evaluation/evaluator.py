@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
 
-from models import build_model
+from pipeline.manifest import rebuild_command
 from pipeline.store import MANIFEST, CacheReader
 from train.engine import checkpoint as ckpt
 from train.engine import run_folder as rf
@@ -23,18 +26,28 @@ from train.data.loader import loader_for
 from train.evaluation.metrics import classification_report, patient_summary, patient_table
 from train.evaluation.mistakes import write_mistakes
 from train.evaluation.report import plot_confusion, plot_curves, write_predictions, write_table
+from train.evaluation.run_checkpoint import load_run_checkpoint
 from train.evaluation.tta import DihedralTTA
 
 log = logging.getLogger(__name__)
 
+DEFAULT_SPLITS = ("valid", "test")
 
-def open_run_cache(config: TrainConfig, run_dir: Path) -> CacheReader:
-    """The run's cache, refusing one whose key is no longer the key the run was trained on."""
+
+def open_run_cache(config: TrainConfig, run_dir: Path, size: int | None = None) -> CacheReader:
+    """The run's cache, refusing one whose key is no longer the key the run was trained on, or (`size`) one rebuilt
+    without the size the checkpoint was trained at."""
     reader = CacheReader(config.cache_dir) if (Path(config.cache_dir) / MANIFEST).is_file() else None
     key = reader.manifest["key"] if reader else None
     if key != config.cache_key:
         raise ckpt.CheckpointError(f"{run_dir} was trained on cache {config.cache_key} at {config.cache_dir}, which "
                                    f"now holds {key or 'no complete cache'}; rebuild that cache to use the run")
+    if size is not None and str(size) not in reader.manifest["sizes"]:
+        have = sorted(int(s) for s in reader.manifest["sizes"])
+        raise ckpt.CheckpointError(
+            f"the run's cache {config.cache_dir} holds {', '.join(f'{s} px' for s in have)}, not {size} px, the size "
+            f"the checkpoint was trained at (it was rebuilt with other --sizes); add that size with "
+            f"{rebuild_command(config.cache_dir, reader.manifest, [*have, size])}; nothing was evaluated or changed")
     return reader
 
 
@@ -42,30 +55,92 @@ def _nan_to_none(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = None, dist: Dist = Dist(),
+def _previous(folder: rf.RunFolder, identity: tuple) -> tuple[dict | None, tuple[str, ...], bool]:
+    """What an earlier evaluation left in `folder`: (its summary when its figures are of this very checkpoint, to
+    keep; the splits it had figures of, when they are of another checkpoint or unreadable: these are evaluated again
+    rather than dropped; whether those had TTA figures)."""
+    try:
+        summary = rf.read_summary(folder.path)
+    except rf.RunFolderError as err:
+        log.warning("%s; evaluating every split again to rewrite it", err)
+        return None, DEFAULT_SPLITS, False
+    if not summary or not summary.get("splits"):  # none, or a failed run's (no figures)
+        return None, (), False
+    if (summary.get("checkpoint"), summary.get("checkpoint_epoch"), summary.get("checkpoint_size")) == identity:
+        return summary, (), False
+    tta = (summary.get("tta") or {}).get("splits") or {}
+    splits = tuple(dict.fromkeys([*summary["splits"], *tta]))
+    log.info("%s holds figures of %s (epoch %s); evaluating %s again with %s (epoch %d), so that none is dropped",
+             folder.summary, summary.get("checkpoint"), summary.get("checkpoint_epoch"), ", ".join(splits),
+             identity[0], identity[1])
+    return None, splits, bool(tta)
+
+
+def _mistakes(loader, probs_all, labels, path: Path, heading: str) -> None:
+    write_mistakes(loader, probs_all, labels, path, heading)  # its return value (the rows shown) is not needed here
+
+
+def _check_writable(folder: Path) -> None:
+    existing = folder if folder.is_dir() else folder.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise rf.RunFolderError(f"cannot write the reports in {folder}: {existing} is not writable; copy the run "
+                                f"folder somewhere writable and evaluate the copy; nothing was evaluated or changed")
+
+
+def _write_reports(files: list[tuple[Path, Callable[[Path], None]]]) -> None:
+    """Each report to a temporary file beside it (`name.tmp.csv`), then each renamed into place: a write that fails
+    (disk full, no permission) replaces none of them, and no half-written file is left. RunFolderError naming the
+    file; summary.json, written after these, is then left as it was."""
+    tmps, path = [], None
+    try:
+        for path, write in files:
+            path.parent.mkdir(exist_ok=True)
+            tmps.append(path.with_name(f"{path.stem}.tmp{path.suffix}"))
+            write(tmps[-1])
+        for (path, _), tmp in zip(files, tmps):
+            os.replace(tmp, path)
+    except OSError as err:
+        raise rf.RunFolderError(f"cannot write {path}: {err.strerror}; free space or make the folder writable (or "
+                                f"evaluate a copy of the run folder); summary.json is unchanged") from None
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+
+
+def evaluate_run(run_dir: Path, splits=DEFAULT_SPLITS, device: str | None = None, dist: Dist = Dist(),
                  batch_size: int | None = None, checkpoint: str = rf.BEST, tta: bool = False,
                  strict: bool = False) -> dict:
     """Evaluate `checkpoint` of a run on `splits`; rank 0 writes the reports. Returns the summary.
+
+    best.pt's reports are the run folder's own; another checkpoint's go to `rf.reports_dir` (eval-last/ for
+    last.pt), and a checkpoint outside the run folder is refused, so no evaluation replaces the run's figures with
+    another model's. Figures of the same checkpoint already in the summary are kept; those of another checkpoint (or
+    an unreadable summary) are evaluated again with this one, never dropped.
 
     A split the cache does not have is skipped (a cache may have no test split), or with `strict` (splits the user
     named) refused before anything is written. With `tta` each split is also evaluated on the mean softmax over the
     8 dihedral views of the centre crop; the summary keeps both (`splits` plain, `tta` beside it)."""
     run_dir = Path(run_dir)
-    folder = rf.RunFolder(run_dir)
     config = read_run_config(run_dir)
-    state = ckpt.load(folder.checkpoint(checkpoint))
-    ckpt.check_compatible(state, config.model, config.cache_key, folder.checkpoint(checkpoint))
-    reader = open_run_cache(config, run_dir)
+    name, state, model = load_run_checkpoint(run_dir, checkpoint, config)
+    stage = config.stages[state["stage"]]
+    folder = rf.RunFolder(rf.reports_dir(run_dir, name))
+    reader = open_run_cache(config, run_dir, stage.size)
+    splits = tuple(dict.fromkeys(splits))  # each once, in the order given
     unknown = [split for split in splits if split not in reader.manifest["splits"]]
     if strict and unknown:
         raise ValueError(f"the run's cache {config.cache_dir} has no split {', '.join(map(repr, unknown))} (it has: "
                          f"{', '.join(sorted(reader.manifest['splits']))}); nothing was evaluated or changed")
+    # every rank reads these (the run folder is shared), so that all evaluate the same splits
+    identity = (name, state["epoch"] + 1, stage.size)
+    previous, again, tta_again = _previous(folder, identity)
+    splits = tuple(dict.fromkeys([*splits, *again]))
+    tta = tta or tta_again
+    metrics = rf.read_metrics(run_dir)  # before any work: a damaged metrics.csv stops it here
+    _check_writable(folder.path)
     dev = torch.device(device or config.device)
     if dev.type == "cuda" and dist.enabled:
         dev = torch.device("cuda", dist.local_rank)
-    stage = config.stages[state["stage"]]
-    model = build_model(config.model, stem=config.stem)
-    model.load_state_dict(state["model"])
     precision = Precision.for_device(dev, config.amp)
     model.to(dev, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
     augment = GpuAugment.from_manifest(reader.manifest, stage.size).to(dev)
@@ -74,7 +149,7 @@ def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = N
         raise ValueError(f"the run's cache {config.cache_dir} names its classes {', '.join(class_names)}, none of "
                          f"them `all`; the reports give the probability of `all`: use a C-NMC cache")
     all_index = class_names.index("all")  # the model's output column of `all`, as the predictor finds it
-    results, tta_results, patients = {}, {}, {}
+    results, tta_results, patients, files = {}, {}, {}, []
     for split in splits:
         if split not in reader.manifest["splits"]:
             log.info("no %s split in the cache; skipped", split)
@@ -92,30 +167,32 @@ def evaluate_run(run_dir: Path, splits=("valid", "test"), device: str | None = N
                 if labelled else None
         table = patient_table(loader.patients, probs[:, all_index], labels if labelled else None)
         patients[split] = patient_summary(table)
-        if not dist.is_main:
-            continue
-        write_predictions(loader.paths, probs[:, all_index], folder.predictions(split), patients=loader.patients,
-                          probs_all_tta=None if tta_probs is None else tta_probs[:, all_index])
-        write_table(table, folder.patients(split))
+        files.append((folder.predictions(split), partial(
+            write_predictions, loader.paths, probs[:, all_index], patients=loader.patients,
+            probs_all_tta=None if tta_probs is None else tta_probs[:, all_index])))
+        files.append((folder.patients(split), partial(write_table, table)))
         if report is not None:
-            plot_confusion(report["confusion"], f"{config.model} - {split} ({len(labels)} images, acc "
-                           f"{report['accuracy']:.4f})", folder.confusion(split))
-            write_mistakes(loader, probs[:, all_index], labels, folder.mistakes(split),
-                           f"{config.model} {checkpoint} (epoch {state['epoch'] + 1}, {stage.size} px), {split}")
+            title = f"{config.model} {name} - {split} ({len(labels)} images, acc {report['accuracy']:.4f})"
+            files.append((folder.confusion(split), partial(plot_confusion, report["confusion"], title)))
+            heading = f"{config.model} {name} (epoch {state['epoch'] + 1}, {stage.size} px), {split}"
+            files.append((folder.mistakes(split), partial(_mistakes, loader, probs[:, all_index], labels,
+                                                          heading=heading)))
     summary = {}
     if dist.is_main:
-        previous = rf.read_summary(run_dir)
-        # evaluating one split keeps the others' figures for the same checkpoint
-        if previous and (previous.get("checkpoint"), previous.get("checkpoint_epoch")) == (checkpoint,
-                                                                                             state["epoch"] + 1):
+        if previous:  # evaluating one split keeps the others' figures for the same checkpoint
             results = {**(previous.get("splits") or {}), **results}
             patients = {**(previous.get("patients") or {}), **patients}
             tta_results = {**(previous.get("tta") or {}).get("splits", {}), **tta_results}
-        metrics = rf.read_metrics(run_dir)
-        summary = _summary(metrics, config, state, results, checkpoint, patients, tta_results)
-        rf.write_summary(run_dir, summary)
-        if len(metrics):
-            plot_curves(metrics, f"{config.model}: accuracy and loss per epoch", folder.curves)
+        summary = _summary(metrics, config, state, results, name, patients, tta_results)
+        if len(metrics) and name == rf.BEST:  # the run's curves, beside the run's own reports
+            files.append((folder.curves, partial(plot_curves, metrics, f"{config.model}: accuracy and loss per "
+                                                                       f"epoch")))
+        _write_reports(files)
+        try:
+            rf.write_summary(folder.path, summary)  # last: the reports it describes are in place
+        except OSError as err:
+            raise rf.RunFolderError(f"cannot write {folder.summary}: {err.strerror}; free space or make the folder "
+                                    f"writable") from None
     return summary
 
 

@@ -15,18 +15,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models import build_model
+from pipeline import manifest as manifest_numbers
 from pipeline import parallel, sources, store
 from pipeline.config import PreprocessConfig
 from pipeline.progress import progress_bar
 from pipeline.sources import IMAGE_SUFFIXES, UNKNOWN_LABEL, UNKNOWN_PATIENT, patient_of, printable
-from train.engine import checkpoint as ckpt
 from train.engine import run_folder as rf
 from train.evaluation import metrics
 from train.augment import AugConfig, GpuAugment
 from train.engine.config import TrainConfig
 from train.engine.loop import Precision
 from train.engine.trainer import preprocess_record
+from train.evaluation.run_checkpoint import load_run_checkpoint
 from train.evaluation.tta import tta_probs
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class PredictError(ValueError):
 class Entry:
     """One image to predict."""
     file: str  # what is opened (may hold undecodable bytes as surrogates)
-    path: str  # what the CSVs show: `file` as valid UTF-8 (sources.printable)
+    path: str  # what the CSVs show: `file` as valid UTF-8 that names this file only (csv_path)
     patient: str
     label: int  # 0 hem, 1 all, -1 unknown (only a source layout gives labels)
 
@@ -62,6 +62,7 @@ class Predictor:
     batch_size: int  # the checkpoint stage's batch size
     epoch: int  # 1-based epoch of the checkpoint
     all_index: int  # the class index of `all` in the model's output
+    checkpoint: str = rf.BEST  # its file name in the run folder
 
     @torch.no_grad()
     def probs_all(self, stored: list[np.ndarray], tta: bool = False) -> torch.Tensor:
@@ -102,23 +103,55 @@ def _preprocess_record(run_dir: Path, data: dict, config: TrainConfig) -> dict:
         f"parameters), or use a run made by the current python -m train.run")
 
 
+def _check_record(record: dict, size: int, checkpoint: str, config: TrainConfig, path: Path) -> None:
+    """PredictError naming config.json and the entry when the preprocessing record cannot preprocess images for a
+    checkpoint trained at `size` px: no entry for that size, a normalisation that is not three finite means and
+    three finite stds > 0 (a std of 0 gives NaN probabilities, every image called hem), no class `all`."""
+    damaged = "the file was edited or damaged: restore config.json from a copy of the run folder"
+    sizes = record.get("sizes") if isinstance(record.get("sizes"), dict) else {}
+    info = sizes.get(str(size))
+    if not isinstance(info, dict):
+        try:
+            manifest = store.read_manifest(config.cache_dir)
+        except store.CacheError:
+            manifest = None
+        fallback = (f", or delete its `preprocess` entry: predict then uses the run's cache {config.cache_dir}, which "
+                    f"still holds {size} px") if manifest and manifest["key"] == config.cache_key and \
+            str(size) in manifest["sizes"] else ""
+        have = ", ".join(f"{s} px" for s in sorted(sizes, key=lambda s: int(s) if s.isdigit() else 0)) or "none"
+        raise PredictError(f"{path}: its preprocessing record has no entry for {size} px, the size {checkpoint} was "
+                           f"trained at (it has: {have}); {damaged}{fallback}")
+    try:  # the cache's own check, for this copy of its numbers
+        manifest_numbers.check_normalisation(info.get("mean"), info.get("std"), f"{path}: preprocess.sizes.{size}",
+                                             damaged)
+    except ValueError as err:
+        raise PredictError(str(err)) from None
+    stored = info.get("stored_size")
+    if isinstance(stored, bool) or not isinstance(stored, int) or stored < size:
+        raise PredictError(f"{path}: preprocess.sizes.{size}: `stored_size` must be a whole number of pixels >= "
+                           f"{size}, got {stored!r}; {damaged}")
+    classes = record.get("classes", sources.CLASS_NAMES)
+    if not isinstance(classes, (list, tuple)) or "all" not in classes:
+        raise PredictError(f"{path}: preprocess.classes is {classes!r}, with no class `all`, whose probability "
+                           f"predict gives; {damaged}")
+    if not isinstance(record.get("config"), dict):
+        raise PredictError(f"{path}: preprocess.config is not the cache's preprocessing parameters; {damaged}")
+
+
 def load_predictor(run_dir: Path, checkpoint: str = "best.pt", device: str = "cpu") -> Predictor:
     """The run's model with `checkpoint`'s weights (loaded weights_only) and the preprocessing of its cache."""
     run_dir = Path(run_dir)
     config, data = rf.read_config(run_dir)  # RunFolderError naming what is wrong with the folder or its config.json
     record = _preprocess_record(run_dir, data, config)
-    path = run_dir / checkpoint
-    if not path.is_file():
-        have = ", ".join(sorted(p.name for p in run_dir.glob("*.pt"))) or "none"
-        raise PredictError(f"{path}: no such checkpoint (the run folder has: {have}); pass --checkpoint best.pt or "
-                           f"last.pt")
-    state = ckpt.load(path)  # CheckpointError when damaged or not loadable weights_only
-    ckpt.check_compatible(state, config.model, config.cache_key, path)
-    if not 0 <= state.get("stage", -1) < len(config.stages):
-        raise ckpt.CheckpointError(f"{path}: stage {state.get('stage')!r} is not one of the run's "
-                                   f"{len(config.stages)} stages; the checkpoint does not belong to this run")
+    name, state, model = load_run_checkpoint(run_dir, checkpoint, config)
     stage = config.stages[state["stage"]]
-    preprocess = PreprocessConfig.from_dict(record["config"])
+    _check_record(record, stage.size, name, config, rf.RunFolder(run_dir).config)
+    try:
+        preprocess = PreprocessConfig.from_dict(record["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise PredictError(f"{rf.RunFolder(run_dir).config}: preprocess.config is not the cache's preprocessing "
+                           f"parameters ({type(err).__name__}: {err}); the file was edited or damaged: restore "
+                           f"config.json from a copy of the run folder") from None
     # eval never rotates, so the cache's rotation margin (checked for training by from_manifest) does not matter here
     augment = GpuAugment.from_manifest(record, stage.size, AugConfig(max_rotation_deg=0.0))
     stored = preprocess.geometry(stage.size).stored_size
@@ -129,11 +162,9 @@ def load_predictor(run_dir: Path, checkpoint: str = "best.pt", device: str = "cp
     classes = list(record.get("classes", sources.CLASS_NAMES))
     dev = torch.device(device)
     precision = Precision.for_device(dev, config.amp)
-    model = build_model(config.model, stem=config.stem)  # no pretrained weights: the checkpoint replaces them all
-    model.load_state_dict(state["model"])
     model.to(dev, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format).eval()
     return Predictor(model, augment.to(dev), precision, dev, config, preprocess, stage.size, stored,
-                     stage.batch_size, state["epoch"] + 1, classes.index("all"))
+                     stage.batch_size, state["epoch"] + 1, classes.index("all"), name)
 
 
 # ----------------------------------------------------------------------------- the images
@@ -149,8 +180,16 @@ def _images_under(folder: Path) -> list[Path]:
     return sorted(found)
 
 
+def csv_path(path: str | os.PathLike) -> str:
+    """A path as the CSVs write it: valid UTF-8 text that names one file only. A byte that is no UTF-8 is written
+    `\\xNN`, as `pipeline.sources.printable` shows it, and a backslash is doubled, so that a name holding the
+    characters `\\xff` stays apart from one holding the byte 0xff; a path with neither is written as it is.
+    `codecs.escape_decode` reads one back to the path's bytes."""
+    return os.fsencode(path).replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
 def _entry(file: Path, patient: str | None = None, label: int = UNKNOWN_LABEL) -> Entry:
-    return Entry(os.fspath(file), printable(file), patient_of(file.name) if patient is None else patient, label)
+    return Entry(os.fspath(file), csv_path(file), patient_of(file.name) if patient is None else patient, label)
 
 
 def gather(inputs, on_error: str = "fail") -> tuple[list[Entry], list[dict]]:
@@ -166,7 +205,7 @@ def gather(inputs, on_error: str = "fail") -> tuple[list[Entry], list[dict]]:
             source = sources.discover(given, on_error=on_error)
             log.info("%s: source layout %s, %d images", printable(given), source.layout, len(source.items))
             found = [_entry(Path(os.path.normpath(given / it.path)), it.patient, it.label) for it in source.items]
-            skipped += [{"path": printable(given / s.path), "reason": s.reason} for s in source.skipped]
+            skipped += [{"path": csv_path(given / s.path), "reason": s.reason} for s in source.skipped]
         else:
             found = [_entry(p) for p in _images_under(given)]
             if not found:
@@ -192,10 +231,14 @@ def predict_images(predictor: Predictor, entries: list[Entry], batch_size: int, 
     Images are read and preprocessed by the build's own worker (`pipeline.parallel`, threads) in windows of at most
     `window` images - by default as many as fit the build's result budget, at most 512 - while the model runs on
     the batches already made; so at most one window of stored images plus one batch is in memory, whatever the
-    number of images. A bad image stops everything (PredictError naming it) with on_error "fail", or is left out."""
+    number of images. Every batch, the last one too, has `batch_size` images (`_forward` pads it), at most one
+    window's. A bad image stops everything (PredictError naming it) with on_error "fail", or is left out."""
     task_bytes = predictor.stored_size ** 2 * 3
     default_window, workers = parallel.window_for(task_bytes, parallel.workers(jobs))
     window = window or default_window
+    if batch_size > window:  # a batch is gathered in memory: no larger than the images read at a time
+        log.info("batches of %d images (the images read at a time) rather than --batch-size %d", window, batch_size)
+        batch_size = window
     tasks = [(e.file, (predictor.size,)) for e in entries]
     kept, skipped, probs, batch = [], [], [], []
     bar = progress_bar(progress, len(tasks), "predict", "img", log)
@@ -213,17 +256,33 @@ def predict_images(predictor: Predictor, entries: list[Entry], batch_size: int, 
             kept.append(entry)
             batch.append(value[predictor.size])  # (S, S, 3) uint8
             if len(batch) == batch_size:
-                probs.append(predictor.probs_all(batch, tta))
+                probs.append(_forward(predictor, batch, tta, batch_size))
                 bar.update(len(batch))
                 batch = []
         if batch:
-            probs.append(predictor.probs_all(batch, tta))
+            probs.append(_forward(predictor, batch, tta, batch_size))
             bar.update(len(batch))
     finally:
         outputs.close()  # waits for the images being read, so no worker outlives a failure
         bar.close()
     p = torch.cat(probs).cpu().numpy().astype(np.float64) if probs else np.empty(0)  # one read-back, at the end
     return kept, p, skipped
+
+
+def _forward(predictor: Predictor, batch: list[np.ndarray], tta: bool, batch_size: int) -> torch.Tensor:
+    """`probs_all` of one batch, padded with black images to `batch_size`: the convolution kernels see one shape
+    whatever the number of images, so an image's probability does not depend on the other images given with it
+    (alone or among many: the same bits on the CPU; a different --batch-size moves it by rounding only, the README's
+    bound). Running out of memory is a PredictError saying to pass a smaller --batch-size."""
+    n = len(batch)
+    try:
+        return predictor.probs_all(batch + [np.zeros_like(batch[0])] * (batch_size - n), tta)[:n]
+    except RuntimeError as err:  # torch.OutOfMemoryError on CUDA; the CPU allocator's failure is a RuntimeError
+        if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
+            raise
+        raise PredictError(f"out of memory on {predictor.device} predicting a batch of {batch_size} images at "
+                           f"{predictor.size} px{' with 8-view TTA' if tta else ''}: pass a smaller --batch-size "
+                           f"(e.g. {max(1, batch_size // 4)}); nothing was written") from None
 
 
 # ----------------------------------------------------------------------------- the files
@@ -242,6 +301,8 @@ def check_out(out: Path) -> None:
             raise PredictError(f"{path} already exists; predict never replaces an earlier prediction: pass another "
                                f"--out (or move that file away)")
     folder = out.parent
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise PredictError(f"cannot write {out}: {folder} is a file, not a folder; pass another --out")
     if not folder.is_dir():
         raise PredictError(f"cannot write {out}: folder {folder} does not exist; create it or pass another --out")
     if not os.access(folder, os.W_OK | os.X_OK):
