@@ -44,34 +44,61 @@ def unnormalize(x: torch.Tensor, aug: GpuAugment) -> np.ndarray:
     return ((x * aug.std.cpu() + aug.mean.cpu()) * 255)[0].permute(1, 2, 0).double().numpy()
 
 
+OUT_DTYPES = {"": torch.float32, "-bf16": torch.bfloat16, "-fp16": torch.float16}
+
+
 @pytest.fixture(scope="module")
 def parity_errors():
-    """Mean absolute difference (0..255) per parameter set, for the OpenCV (CPU) and torch (CUDA) paths."""
+    """Mean absolute difference (0..255) per parameter set, for the OpenCV (CPU) and torch (CUDA) paths, the torch
+    path also writing bf16 and fp16 (what it gives an AMP step)."""
     size, config = 224, PreprocessConfig()
     g = config.geometry(size)
-    augs = {name: GpuAugment(size, g.stored_size, mean=[0.3, 0.25, 0.35], std=[0.3, 0.28, 0.3], backend=name)
-            for name in ("opencv", "torch")}
+    augs = {"opencv": GpuAugment(size, g.stored_size, mean=[0.3, 0.25, 0.35], std=[0.3, 0.28, 0.3], backend="opencv")}
+    for suffix, dtype in OUT_DTYPES.items():
+        augs[f"torch{suffix}"] = GpuAugment(size, g.stored_size, mean=[0.3, 0.25, 0.35], std=[0.3, 0.28, 0.3],
+                                            backend="torch", out_dtype=dtype)
     gen = torch.Generator().manual_seed(1234)
-    errors = {"opencv": [], "torch": []}
+    errors = {name: [] for name in augs}
     for bgr in originals():
         stored = torch.from_numpy(preprocess_image(bgr, config, (size,))[size]).permute(2, 0, 1)[None]
         for _ in range(6):
             p = augs["torch"].sample(1, gen)
             expected = report_train_path(bgr, p, 0, size)
             for name, aug in augs.items():  # torch on CPU tensors runs the code CUDA batches run
-                errors[name].append(np.abs(unnormalize(aug.apply(stored, p), aug) - expected).mean())
+                out = aug.apply(stored, p)
+                assert out.dtype == aug.out_dtype
+                errors[name].append(np.abs(unnormalize(out.float(), aug) - expected).mean())
     return errors
 
 
-@pytest.mark.parametrize("path", ["opencv", "torch"])
+@pytest.mark.parametrize("path", ["opencv", "torch", "torch-bf16", "torch-fp16"])
 def test_apply_matches_the_reports_cpu_path(parity_errors, path):
     errors = np.asarray(parity_errors[path])
     assert len(errors) >= 48
     print(f"parity {path}: mean {errors.mean():.2f} worst {errors.max():.2f} levels")  # the README's figures (-s)
     # Measured: real sample, OpenCV path mean 1.64 / worst 2.76, torch path 1.52 / 2.28; synthetic cells 1.48 / 2.40
-    # and 1.42 / 2.26 (0..255 levels). The report itself rounds to uint8 after every step.
+    # and 1.42 / 2.26 (0..255 levels). The report itself rounds to uint8 after every step. bf16 output adds its
+    # rounding (8 significant bits: at most ~0.35 levels here), fp16 much less; the same bounds hold.
     assert errors.mean() < 2.0, errors
     assert errors.max() < 3.0, errors
+
+
+def test_half_precision_output_is_the_float32_output_rounded():
+    size, stored = 24, 32
+    images = torch.randint(0, 256, (6, 3, stored, stored), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    full = GpuAugment(size, stored, mean=[0.4, 0.3, 0.5], std=[0.2, 0.25, 0.3], backend="torch")
+    p = full.sample(6, torch.Generator().manual_seed(5))
+    reference = full.apply(images, p)
+    for dtype in (torch.bfloat16, torch.float16):
+        half = GpuAugment(size, stored, mean=[0.4, 0.3, 0.5], std=[0.2, 0.25, 0.3], backend="torch", out_dtype=dtype)
+        out = half.apply(images, p)
+        assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(out, reference.to(dtype))  # computed in float32, rounded once at the write
+        half.eval()
+        assert torch.equal(half(images), full.eval()(images).to(dtype))
+        full.train()
+    with pytest.raises(ValueError, match="out_dtype must be one of"):
+        GpuAugment(size, stored, mean=[0.4] * 3, std=[0.2] * 3, out_dtype=torch.float64)
 
 
 def _tiny(size=8, stored=12, seed=0, backend="auto"):

@@ -64,9 +64,10 @@ def test_every_order_is_replayed_exactly_per_sample():
         torch.testing.assert_close(out[i:i + 1], x, atol=2e-4, rtol=0, msg=f"order {orders[i].tolist()}")
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [64, 256])
-def test_no_host_wait_and_a_fixed_op_count(batch):
-    aug = _augment()
+def test_no_host_wait_and_a_fixed_op_count(batch, out_dtype):
+    aug = _augment(out_dtype=out_dtype)
     images = _images(batch)
     params = aug.sample(batch, torch.Generator().manual_seed(0))
     with RecordOps() as rec:
@@ -107,24 +108,30 @@ def test_warp_is_closed_form_and_matches_the_pixel_maps():
                                    (stored_px - c_s) / c_s, atol=1e-6, rtol=0)
 
 
-def test_compiled_apply_has_no_graph_break_and_matches_eager():
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_compiled_apply_has_no_graph_break_and_matches_eager(out_dtype):
     torch._dynamo.reset()
-    aug = _augment()
+    aug = _augment(out_dtype=out_dtype)
+    tolerance = 1e-3 if out_dtype == torch.float32 else 2e-2  # bf16: 8 significant bits of values up to ~3
     images = _images(8).contiguous(memory_format=torch.channels_last)  # as the loader yields them
     params = aug.sample(8, torch.Generator().manual_seed(2))
     eager = aug.apply(images, params)
     compiled = torch.compile(aug.apply, fullgraph=True)  # fullgraph: a graph break is an error
-    torch.testing.assert_close(compiled(images, params), eager, atol=1e-3, rtol=0)
+    torch.testing.assert_close(compiled(images, params), eager, atol=tolerance, rtol=0)
     aug.compile()  # what train.run --compile uses: the device part only
-    torch.testing.assert_close(aug.apply(images, params), eager, atol=1e-3, rtol=0)
+    out = aug.apply(images, params)
+    assert out.dtype == out_dtype
+    torch.testing.assert_close(out, eager, atol=tolerance, rtol=0)
     params2 = aug.sample(8, torch.Generator().manual_seed(3))  # new values, same graph
-    torch.testing.assert_close(aug.apply(images, params2), _augment().apply(images, params2), atol=1e-3, rtol=0)
+    torch.testing.assert_close(aug.apply(images, params2), _augment(out_dtype=out_dtype).apply(images, params2),
+                               atol=tolerance, rtol=0)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_apply_never_synchronizes():
-    aug = _augment().to("cuda")
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_cuda_apply_never_synchronizes(out_dtype):
+    aug = _augment(out_dtype=out_dtype).to("cuda")
     images = _images(64).cuda()
     params = aug.sample(64, torch.Generator().manual_seed(0))
     aug.apply(images, params)  # warm-up: pinned allocator, kernels
@@ -137,7 +144,9 @@ def test_cuda_apply_never_synchronizes():
         torch.cuda.set_sync_debug_mode(0)
     assert rec.ops["_to_copy"] + rec.ops["copy_"] >= 1
     assert not FORBIDDEN & set(rec.ops)
-    torch.testing.assert_close(out.cpu(), _augment().apply(images.cpu(), params), atol=1e-4, rtol=0)
+    assert out.dtype == out_dtype
+    torch.testing.assert_close(out.cpu().float(), _augment().apply(images.cpu(), params),
+                               atol=1e-4 if out_dtype == torch.float32 else 2e-2, rtol=0)
 
 
 @pytest.mark.gpu

@@ -15,6 +15,10 @@ exactly with one of two backends, both held to the same parity test against the 
 - "opencv" (the opencv_backend module): per image on uint8 in a thread pool, for CPU tensors. On the 2-core dev
   machine it costs ~1 ms/img per thread at 224 px, several times less than the torch backend on the same CPU (README).
 "auto" picks opencv for CPU tensors and torch for any other device.
+
+Output dtype (`out_dtype`): float32 by default; under AMP the trainer asks for the step's dtype (bf16, or fp16 where
+bf16 is missing), channels_last, so the batch is written once in half the bytes and the model's first convolution
+needs no cast of its own. The arithmetic stays float32 up to that last write (the parity tests hold for each dtype).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from train.augment.opencv_backend import OpenCvBackend
 # 0=brightness, 1=contrast, 2=saturation, 3=hue, as in torchvision's ColorJitter.get_params
 OPS = ("brightness", "contrast", "saturation", "hue")
 BACKENDS = ("auto", "torch", "opencv")
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -76,11 +81,14 @@ def _uniform(n: int, low: float, high: float, generator) -> torch.Tensor:
 
 
 class GpuAugment(nn.Module):
-    """uint8 (B, 3, S_stored, S_stored) -> normalised float (B, 3, S, S), on the input's device."""
+    """uint8 (B, 3, S_stored, S_stored) -> normalised `out_dtype` (B, 3, S, S), on the input's device."""
 
     def __init__(self, size: int, stored_size: int, mean, std, config: AugConfig = AugConfig(),
-                 cpu_threads: int | None = None, backend: str = "auto"):
+                 cpu_threads: int | None = None, backend: str = "auto", out_dtype: torch.dtype = torch.float32):
         super().__init__()
+        if out_dtype not in OUT_DTYPES:
+            raise ValueError(f"out_dtype must be one of {', '.join(map(str, OUT_DTYPES))}, got {out_dtype}")
+        self.out_dtype = out_dtype
         if (stored_size - size) % 2 or stored_size < size:
             raise ValueError(f"stored_size - size must be even and >= 0, got {stored_size} - {size}")
         if backend not in BACKENDS:
@@ -159,12 +167,13 @@ class GpuAugment(nn.Module):
 
     def eval_transform(self, images: torch.Tensor) -> torch.Tensor:
         m, s = self.margin, self.size
-        return torch.addcmul(self.shift, images[:, :, m:m + s, m:m + s].float(), self.scale / 255)
+        return torch.addcmul(self.shift, images[:, :, m:m + s, m:m + s].float(), self.scale / 255).to(self.out_dtype)
 
     # ------------------------------------------------------------------ train
 
     def apply(self, images: torch.Tensor, params: AugParams) -> torch.Tensor:
-        """Replay `params` on uint8 images (n, 3, S_stored, S_stored); returns float (n, 3, S, S) normalised."""
+        """Replay `params` on uint8 images (n, 3, S_stored, S_stored); returns `out_dtype` (n, 3, S, S) normalised,
+        channels_last unless `out_dtype` is float32 (whose layout follows the input's)."""
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 (n, 3, S, S) images, got {images.dtype} {tuple(images.shape)}")
         if images.shape[-1] != self.stored_size or images.shape[-2] != self.stored_size:
@@ -175,10 +184,11 @@ class GpuAugment(nn.Module):
             if images.device.type != "cpu":
                 raise ValueError(f"backend 'opencv' takes CPU tensors, got a batch on {images.device}; use "
                                  f"backend='torch' or 'auto'")
-            return self._apply_opencv(images, params)
+            return self._apply_opencv(images, params).to(self.out_dtype)
         packed = torch_backend.to_device(torch_backend.pack_params(params, self.size, self.stored_size),
                                          images.device)
-        return self._torch_apply(images, packed, self.size, self.scale, self.shift, self.gray_weights)
+        return self._torch_apply(images, packed, self.size, self.scale, self.shift, self.gray_weights,
+                                 self.out_dtype)
 
     def warp_matrices(self, params: AugParams) -> np.ndarray:
         """(n, 2, 3) float64 maps from output pixel (x, y) to stored-image pixel, pixel centres at integers.

@@ -83,8 +83,12 @@ def to_device(packed: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def apply_packed(images: torch.Tensor, packed: torch.Tensor, size: int, scale: torch.Tensor,
-                 shift: torch.Tensor, gray_weights: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, S, S) + packed (B, 25) on one device -> normalised float32 (B, 3, size, size).
+                 shift: torch.Tensor, gray_weights: torch.Tensor,
+                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, 3, S, S) + packed (B, 25) on one device -> normalised `out_dtype` (B, 3, size, size).
+
+    A half-precision `out_dtype` (the AMP step's) is written channels_last by the last op itself: compiled, the
+    cast and the layout fold into the normalisation's kernel, so the batch is written once, in half the bytes.
 
     `scale` = 1 / std and `shift` = -mean / std, (1, 3, 1, 1): normalisation as one multiply-add. `gray_weights`
     (1, 3, 1, 1) = GRAY_WEIGHTS, already on the device: a tensor made here from Python numbers would be a blocking
@@ -107,4 +111,7 @@ def apply_packed(images: torch.Tensor, packed: torch.Tensor, size: int, scale: t
         gray = (x * gray_weights).sum(1, keepdim=True)  # (B, 1, H, W)
         # brightness: a=f; contrast: a=f, b=1-f (blend with the mean gray level); saturation: a=f, c=1-f (with gray)
         x = torch.addcmul(b * gray.mean((2, 3), keepdim=True) + c * gray, a, x).clamp_(0, 1)
-    return torch.addcmul(shift, x, scale)
+    out = torch.addcmul(shift, x, scale)
+    if out_dtype == torch.float32:
+        return out
+    return out.to(dtype=out_dtype, memory_format=torch.channels_last)

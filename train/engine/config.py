@@ -12,6 +12,8 @@ REPORT = RECIPES["report"]  # TrainConfig's defaults: a config.json written befo
 
 # The report's recipe per model: (size, epochs, batch size) stages. ResNet50/152: 550 epochs at 128 px, then the
 # best-valid weights continue at 224 px; ResNet18 at 224 px throughout; ResNet152 at 224 used batch 32 for memory.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
 PRESETS = {
     "resnet18": ((224, 100, 64),),
     "resnet50": ((128, 550, 64), (224, 100, 64)),
@@ -64,6 +66,11 @@ class TrainConfig:
     device: str = "cpu"
     amp: bool = False
     compile: bool = False
+    # torch.compile's mode for the model: "reduce-overhead" replays each stage's step as CUDA graphs (one launch
+    # instead of hundreds: eager steps of a small model are launch-bound), "max-autotune" also benchmarks kernels
+    compile_mode: str = "default"
+    # augment batch i+1 on a side stream while step i runs (train.engine.ahead); None: on for CUDA
+    augment_ahead: bool | None = None
     stem: str = "standard"
     pretrained: str | None = None
     # the training options (train.engine.options: their flags, checks and the recipes' values)
@@ -91,6 +98,8 @@ class TrainConfig:
             object.__setattr__(self, "sched", sched_for_drops(self.lr_drop_patience))
         options.check(vars(self), saved=saved)
         check_seed(self.seed)
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if not self.stages:
             raise ValueError("a run needs at least one stage")
         for stage in self.stages:

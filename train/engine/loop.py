@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from train.augment import GpuAugment
+from train.engine.ahead import augmented_batches
 from train.engine.distributed import Dist, all_sum, gather_rows
 from train.data.loader import CacheLoader
 from train.engine.timing import EpochTimer
@@ -22,6 +23,13 @@ class Precision:
     amp_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
     channels_last: bool = False
+    cuda_graphs: bool = False  # the model is compiled with CUDA graphs (--compile-mode reduce-overhead)
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        """The dtype the augmentation writes for the step: the autocast dtype (the first convolution takes it
+        without a cast), else float32."""
+        return self.amp_dtype or torch.float32
 
     @classmethod
     def for_device(cls, device: torch.device, amp: bool) -> "Precision":
@@ -42,6 +50,12 @@ class Precision:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
+def mark_graph_step() -> None:
+    """A new step for CUDA graphs: the previous replay's outputs (already used) may now be overwritten. Only with
+    CUDA graphs: its first call imports Inductor (~7 s on the 2-core dev machine)."""
+    torch.compiler.cudagraph_mark_step_begin()
+
+
 @dataclass
 class EpochStats:
     loss: float
@@ -60,6 +74,8 @@ def train_step(model, x: torch.Tensor, labels: torch.Tensor, optimizer, precisio
                device: torch.device, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a prepared batch; returns (loss, logits), still on the device. The loss is the one
     optimised: cross-entropy with `label_smoothing` (validation's loss is always the plain one)."""
+    if precision.cuda_graphs:
+        mark_graph_step()
     with precision.autocast(device):
         logits = model(x)
         loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
@@ -104,9 +120,11 @@ class LossReadout:
 def train_one_epoch(model, loader: CacheLoader, augment: GpuAugment, optimizer, precision: Precision,
                     device: torch.device, dist: Dist, generator: torch.Generator, desc: str = "train",
                     progress: bool = True, refresh_s: float = 1.0, label_smoothing: float = 0.0,
-                    before_step: Callable[[int], None] | None = None, ema=None) -> EpochStats:
+                    before_step: Callable[[int], None] | None = None, ema=None, ahead: bool = False) -> EpochStats:
     """One pass over `loader`. Nothing here makes the host wait for the device until the epoch ends; the progress
     bar's loss comes back at most every `refresh_s` seconds without a wait (LossReadout), never with progress off.
+    `ahead`: each batch is augmented one batch ahead, on a side stream on CUDA (train.engine.ahead); the same
+    tensors either way.
 
     `before_step(i)` runs before step i of the epoch (the schedule setting that step's lr, host floats only);
     `ema.update()` after every step (a moving average of the weights, queued on the device)."""
@@ -119,17 +137,7 @@ def train_one_epoch(model, loader: CacheLoader, augment: GpuAugment, optimizer, 
     readout = LossReadout(device) if progress else None
     start = last_refresh = time.perf_counter()
     bar = tqdm(total=len(loader), desc=desc, unit="batch", disable=not progress, leave=False)
-    batches = iter(loader)
-    while True:
-        timer.data_start()
-        try:
-            uint8_images, labels = next(batches)
-        except StopIteration:
-            timer.discard_step()
-            break
-        timer.batch_ready()
-        x = precision.prepare(augment.apply(uint8_images, augment.sample(len(labels), generator)))
-        timer.augmented()
+    for x, labels in augmented_batches(loader, augment, generator, precision.prepare, timer, device, ahead):
         if before_step is not None:
             before_step(steps)
         loss, logits = train_step(model, x, labels, optimizer, precision, device, label_smoothing)
@@ -167,6 +175,8 @@ def predict_split(model, loader: CacheLoader, augment: GpuAugment, precision: Pr
         n = len(y)
         if n < loader.batch_size:  # the last batch: padded to the usual shape, so a compiled model is not rebuilt
             x = precision.prepare(torch.cat([x, x.new_zeros((loader.batch_size - n, *x.shape[1:]))]))
+        if precision.cuda_graphs:
+            mark_graph_step()
         with precision.autocast(device):
             logits = model(x)[:n]  # eval-mode BatchNorm: padding rows change nothing in the others
         probs.append(torch.softmax(logits.float(), 1))

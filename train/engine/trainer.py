@@ -29,6 +29,7 @@ from pipeline.store import CacheReader
 from train.engine import checkpoint as ckpt
 from train.engine import run_folder as rf
 from train.augment import GpuAugment
+from train.engine.ahead import ahead_default
 from train.engine.config import TrainConfig
 from train.engine.distributed import Dist
 from train.engine.ema import ModelEma
@@ -45,6 +46,11 @@ log = logging.getLogger(__name__)
 # 66.6 s against 25.7 s for the first, static, stage (torch 2.11). A stage's batch shape never changes (the last
 # partial training batch is dropped, the last eval batch padded), so static graphs are never rebuilt within a stage.
 COMPILE_OPTIONS = {"dynamic": False}
+
+
+def compile_mode_options(mode: str) -> dict:
+    """torch.compile's keyword for `--compile-mode` (none for the default)."""
+    return {} if mode == "default" else {"mode": mode}
 
 
 class TrainingDiverged(RuntimeError):
@@ -109,6 +115,9 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.reader = CacheReader(self.config.cache_dir)
         self.precision = Precision.for_device(self.device, self.config.amp)
+        self.precision.cuda_graphs = self.config.compile and self.config.compile_mode == "reduce-overhead" and \
+            self.device.type == "cuda"
+        self.ahead = ahead_default(self.device) if self.config.augment_ahead is None else self.config.augment_ahead
         self.writer = ckpt.AsyncWriter()
         torch.manual_seed(self.config.seed)  # the initial weights depend on the seed only
         self.net = build_model(self.config.model, stem=self.config.stem, pretrained=self.config.pretrained)
@@ -127,8 +136,9 @@ class Trainer:
         if self.config.compile:
             # DDP first, then compile: the compiled graph is split at DDP's buckets, so each bucket's gradient
             # all-reduce starts while the rest of the backward pass is still running.
-            self.model = torch.compile(self.model, **COMPILE_OPTIONS)
-            self.eval_model = torch.compile(self.eval_model, **COMPILE_OPTIONS) if self.ema else self.model
+            compile_options = {**COMPILE_OPTIONS, **compile_mode_options(self.config.compile_mode)}
+            self.model = torch.compile(self.model, **compile_options)
+            self.eval_model = torch.compile(self.eval_model, **compile_options) if self.ema else self.model
         self.schedule = Schedule.from_config(self.config)
         self.optimizer = self._new_optimizer(self.config.lr)
         self.folder = rf.RunFolder(self.run_dir)
@@ -158,7 +168,9 @@ class Trainer:
                           seed=self.config.seed)
             train = loader_for(self.reader, stage.size, "train", stage.batch_size, self.config.fold, train=True, **common)
             valid = loader_for(self.reader, stage.size, "valid", stage.batch_size, self.config.fold, **common)
-            augment = GpuAugment.from_manifest(self.reader.manifest, stage.size).to(self.device)
+            # written in the step's dtype (bf16/fp16 under AMP, channels_last): half the bytes, no separate cast
+            augment = GpuAugment.from_manifest(self.reader.manifest, stage.size,
+                                               out_dtype=self.precision.out_dtype).to(self.device)
             if self.config.compile:
                 augment.compile()  # the torch backend's device part; the OpenCV backend (CPU) is not compiled
             self._stage_cache[index] = (train, valid, augment)
@@ -293,7 +305,8 @@ class Trainer:
             stats = train_one_epoch(self.model, train_loader, augment, self.optimizer, self.precision, self.device,
                                     self.dist, generator, desc=f"epoch {epoch + 1}/{cfg.total_epochs} "
                                     f"{stage.size}px", progress=self.progress and self.dist.is_main,
-                                    label_smoothing=cfg.label_smoothing, before_step=before_step, ema=self.ema)
+                                    label_smoothing=cfg.label_smoothing, before_step=before_step, ema=self.ema,
+                                    ahead=self.ahead)
             valid_loss, valid_acc = loss_and_acc(*predict_split(self.eval_model, valid_loader, augment, self.precision,
                                                           self.device, self.dist))
             self._check_finite(epoch, stage.size, lr, stats.loss, valid_loss, valid_acc)

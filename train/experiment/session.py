@@ -17,7 +17,8 @@ from train.engine import checkpoint as ckpt
 from train.engine import options
 from train.engine import run_folder as rf
 from train.engine import tensorboard as tb
-from train.engine.config import PRESETS, Stage, TrainConfig, check_seed, parse_stages
+from train.engine.ahead import ahead_default
+from train.engine.config import COMPILE_MODES, PRESETS, Stage, TrainConfig, check_seed, parse_stages
 from train.engine.distributed import Dist, resolve_device
 from train.evaluation.evaluator import evaluate_run, open_run_cache
 from train.experiment import resume
@@ -102,6 +103,13 @@ def add_run_arguments(p: argparse.ArgumentParser, *, resume_metavar: str = "RUN_
                    help="mixed precision on CUDA (default on; bf16 where supported, else fp16 + grad scaler)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model and the augmentation (CUDA: its torch backend)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile's mode for the model (implies --compile): reduce-overhead replays each step "
+                        "as CUDA graphs (steps of a small model are bound by kernel launches), max-autotune also "
+                        "benchmarks kernels (longer compile)")
+    p.add_argument("--augment-ahead", action=argparse.BooleanOptionalAction, default=None,
+                   help="augment the next batch on a second CUDA stream while the step runs (default: on for CUDA; "
+                        "the same parameters and results either way)")
     p.add_argument("--stem", choices=STEMS, default="standard",
                    help="seed: no max-pool after conv1, as the report's code")
     p.add_argument("--pretrained", type=Path, help="initial weights from a local file (head replaced)")
@@ -135,7 +143,7 @@ def parse_args(argv, description: str | None = None, epilog: str | None = None):
 # On --resume the saved config decides. Every other flag is either compared with the run's saved value (a flag
 # given with the saved value is fine) or cannot apply to a resumed run. train.cv's --resume allows the same few.
 RESUME_MAY_CHANGE = ("stop_after", "progress", "tensorboard")  # they change nothing that is trained
-RUN_SETTINGS = ("seed", "stem", "amp", "compile", "pretrained", "device")  # TrainConfig fields of the same name
+RUN_SETTINGS = ("seed", "stem", "amp", "compile", "compile_mode", "augment_ahead", "pretrained", "device")  # TrainConfig fields of the same name
 STAGE_FLAGS = ("stages", "epochs", "batch_size")  # compared with the saved stages together
 COMPARED_ON_RESUME = (*options.OPTION, *RUN_SETTINGS, *STAGE_FLAGS)
 NOT_ON_RESUME = {"out": "a resumed run stays in its own folder", "force": "a resumed run has already started",
@@ -158,8 +166,11 @@ def _option_conflict(row: options.Option, value, config: TrainConfig) -> str | N
 
 
 def _setting_conflict(name: str, value, config: TrainConfig) -> str | None:
-    """A run setting given on --resume (seed, stem, amp, compile, pretrained, device), against the saved value."""
+    """A run setting given on --resume (seed, stem, amp, compile, compile mode, augment ahead, pretrained,
+    device), against the saved value."""
     kept, mine = getattr(config, name), value
+    if name == "augment_ahead" and kept is None:  # a run saved before the flag: it had the default
+        kept = ahead_default(config.device)
     if name == "device":
         try:
             mine = resolve_device(value)  # auto is the device it picks here
@@ -262,7 +273,10 @@ def resolve_config(args, saved: bool = False) -> tuple[TrainConfig, bool]:
                        f"{manifest['source']['root']}")
     config = TrainConfig(model=args.model, cache_dir=str(Path(cache).resolve()), cache_key=manifest["key"],
                          stages=stages, seed=args.seed, device=device,
-                         amp=device.startswith("cuda") if args.amp is None else args.amp, compile=args.compile,
+                         amp=device.startswith("cuda") if args.amp is None else args.amp,
+                         compile=args.compile or args.compile_mode != "default", compile_mode=args.compile_mode,
+                         augment_ahead=(ahead_default(device) if args.augment_ahead is None
+                                        else args.augment_ahead),
                          stem=args.stem, pretrained=str(args.pretrained) if args.pretrained else None, **training,
                          saved=saved)
     return config, not (args.stages or args.epochs is not None)
