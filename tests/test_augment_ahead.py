@@ -1,5 +1,5 @@
 """Augmentation one batch ahead (train.engine.ahead): the order of calls, the same tensors, the same run; the
-compile-mode and augment-ahead settings of train.run."""
+compile-mode, augment-ahead and augment-backend settings of train.run."""
 import json
 
 import pandas as pd
@@ -138,3 +138,16 @@ def test_cuda_ahead_gives_the_inline_tensors_without_a_host_wait(cache):
         timer.finish()
     for (x0, y0), (x1, y1) in zip(results[False], results[True], strict=True):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+def test_augment_backend_is_saved_and_one_for_another_device_is_refused(cache, tmp_path, capsys):
+    from train.experiment import session
+    args = session.parse_args(["resnet18", "--stages", "16:1", "--augment-backend", "torch", "--device", "cpu",
+                               *common(cache, tmp_path)])
+    config, _ = session.resolve_config(args)
+    assert config.augment_backend == "torch"
+    assert main(["resnet18", "--stages", "16:1", "--augment-backend", "triton", "--device", "cpu", "--no-progress",
+                 *common(cache, tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "--augment-backend triton runs on cuda only" in err and "use --augment-backend auto" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no run folder made

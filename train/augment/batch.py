@@ -14,7 +14,10 @@ exactly with one of two backends, both held to the same parity test against the 
   that makes the host wait; its device part compiles with fullgraph=True (`GpuAugment.compile`).
 - "opencv" (the opencv_backend module): per image on uint8 in a thread pool, for CPU tensors. On the 2-core dev
   machine it costs ~1 ms/img per thread at 224 px, several times less than the torch backend on the same CPU (README).
-"auto" picks opencv for CPU tensors and torch for any other device.
+- "triton" (the triton_backend module): the torch backend's arithmetic in two hand-written Triton kernels (CUDA), one
+  read of the uint8 batch per pass and one write of the output; Inductor could not fuse the torch backend's chain.
+"auto" picks opencv for CPU tensors and torch for any other device (triton is chosen by name until a GPU has
+measured it against the compiled torch backend).
 
 Output dtype (`out_dtype`): float32 by default; under AMP the trainer asks for the step's dtype (bf16, or fp16 where
 bf16 is missing), channels_last, so the batch is written once in half the bytes and the model's first convolution
@@ -30,12 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from train.augment import torch_backend
+from train.augment import torch_backend, triton_backend
 from train.augment.opencv_backend import OpenCvBackend
 
 # 0=brightness, 1=contrast, 2=saturation, 3=hue, as in torchvision's ColorJitter.get_params
 OPS = ("brightness", "contrast", "saturation", "hue")
-BACKENDS = ("auto", "torch", "opencv")
+BACKENDS = ("auto", "torch", "opencv", "triton")
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -135,7 +138,8 @@ class GpuAugment(nn.Module):
 
         Only the device part: the host-side packing and its pinned non_blocking copy stay eager (Inductor is known
         to miscompile a non_blocking copy of a CPU tensor computed inside a graph). Unlike nn.Module.compile this
-        leaves `forward` as it is; the OpenCV backend and eval mode are not affected.
+        leaves `forward` as it is; the OpenCV and Triton backends (the latter fused by hand) and eval mode are not
+        affected.
         """
         # static shapes, as the trainer's model (the trainer's COMPILE_OPTIONS): one graph per stage size
         self._torch_apply = torch.compile(torch_backend.apply_packed,
@@ -185,6 +189,14 @@ class GpuAugment(nn.Module):
                 raise ValueError(f"backend 'opencv' takes CPU tensors, got a batch on {images.device}; use "
                                  f"backend='torch' or 'auto'")
             return self._apply_opencv(images, params).to(self.out_dtype)
+        if self.backend_for(images.device) == "triton":
+            if not triton_backend.available(images.device):
+                raise ValueError(f"backend 'triton' runs on CUDA tensors (with the triton package), got a batch on "
+                                 f"{images.device}; use backend='auto'")
+            packed = torch_backend.to_device(torch_backend.pack_params(params, self.size, self.stored_size),
+                                             images.device)
+            return triton_backend.apply_packed(images, packed, self.size, self.scale, self.shift, self.gray_weights,
+                                               self.out_dtype)
         packed = torch_backend.to_device(torch_backend.pack_params(params, self.size, self.stored_size),
                                          images.device)
         return self._torch_apply(images, packed, self.size, self.scale, self.shift, self.gray_weights,

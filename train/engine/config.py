@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import InitVar, dataclass
 
 from models import MODEL_NAMES
+from train.augment.batch import BACKENDS
 from train.engine import options
 from train.engine.options import RECIPES, sched_for_drops
 
@@ -71,6 +72,8 @@ class TrainConfig:
     compile_mode: str = "default"
     # augment batch i+1 on a side stream while step i runs (train.engine.ahead); None: on for CUDA
     augment_ahead: bool | None = None
+    # GpuAugment's backend (train.augment.BACKENDS): auto = OpenCV for a CPU, torch for CUDA
+    augment_backend: str = "auto"
     stem: str = "standard"
     pretrained: str | None = None
     # the training options (train.engine.options: their flags, checks and the recipes' values)
@@ -98,6 +101,12 @@ class TrainConfig:
             object.__setattr__(self, "sched", sched_for_drops(self.lr_drop_patience))
         options.check(vars(self), saved=saved)
         check_seed(self.seed)
+        if self.augment_backend not in BACKENDS:
+            raise ValueError(f"--augment-backend must be one of {', '.join(BACKENDS)}, got {self.augment_backend!r}")
+        wants = {"triton": "cuda", "opencv": "cpu"}.get(self.augment_backend)
+        if wants and not self.device.startswith(wants):
+            raise ValueError(f"--augment-backend {self.augment_backend} runs on {wants} only, and the run's device is "
+                             f"{self.device}; use --augment-backend auto")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if not self.stages:

@@ -169,8 +169,8 @@ class Trainer:
             train = loader_for(self.reader, stage.size, "train", stage.batch_size, self.config.fold, train=True, **common)
             valid = loader_for(self.reader, stage.size, "valid", stage.batch_size, self.config.fold, **common)
             # written in the step's dtype (bf16/fp16 under AMP, channels_last): half the bytes, no separate cast
-            augment = GpuAugment.from_manifest(self.reader.manifest, stage.size,
-                                               out_dtype=self.precision.out_dtype).to(self.device)
+            augment = GpuAugment.from_manifest(self.reader.manifest, stage.size, out_dtype=self.precision.out_dtype,
+                                               backend=self.config.augment_backend).to(self.device)
             if self.config.compile:
                 augment.compile()  # the torch backend's device part; the OpenCV backend (CPU) is not compiled
             self._stage_cache[index] = (train, valid, augment)

@@ -17,6 +17,7 @@ from train.engine import checkpoint as ckpt
 from train.engine import options
 from train.engine import run_folder as rf
 from train.engine import tensorboard as tb
+from train.augment.batch import BACKENDS
 from train.engine.ahead import ahead_default
 from train.engine.config import COMPILE_MODES, PRESETS, Stage, TrainConfig, check_seed, parse_stages
 from train.engine.distributed import Dist, resolve_device
@@ -110,6 +111,9 @@ def add_run_arguments(p: argparse.ArgumentParser, *, resume_metavar: str = "RUN_
     p.add_argument("--augment-ahead", action=argparse.BooleanOptionalAction, default=None,
                    help="augment the next batch on a second CUDA stream while the step runs (default: on for CUDA; "
                         "the same parameters and results either way)")
+    p.add_argument("--augment-backend", choices=BACKENDS, default="auto",
+                   help="the augmentation's backend: auto (OpenCV for a CPU, torch for CUDA), torch, opencv (CPU), "
+                        "triton (CUDA: two hand-fused kernels)")
     p.add_argument("--stem", choices=STEMS, default="standard",
                    help="seed: no max-pool after conv1, as the report's code")
     p.add_argument("--pretrained", type=Path, help="initial weights from a local file (head replaced)")
@@ -143,7 +147,8 @@ def parse_args(argv, description: str | None = None, epilog: str | None = None):
 # On --resume the saved config decides. Every other flag is either compared with the run's saved value (a flag
 # given with the saved value is fine) or cannot apply to a resumed run. train.cv's --resume allows the same few.
 RESUME_MAY_CHANGE = ("stop_after", "progress", "tensorboard")  # they change nothing that is trained
-RUN_SETTINGS = ("seed", "stem", "amp", "compile", "compile_mode", "augment_ahead", "pretrained", "device")  # TrainConfig fields of the same name
+RUN_SETTINGS = ("seed", "stem", "amp", "compile", "compile_mode", "augment_ahead", "augment_backend", "pretrained",
+                "device")  # TrainConfig fields of the same name
 STAGE_FLAGS = ("stages", "epochs", "batch_size")  # compared with the saved stages together
 COMPARED_ON_RESUME = (*options.OPTION, *RUN_SETTINGS, *STAGE_FLAGS)
 NOT_ON_RESUME = {"out": "a resumed run stays in its own folder", "force": "a resumed run has already started",
@@ -275,6 +280,7 @@ def resolve_config(args, saved: bool = False) -> tuple[TrainConfig, bool]:
                          stages=stages, seed=args.seed, device=device,
                          amp=device.startswith("cuda") if args.amp is None else args.amp,
                          compile=args.compile or args.compile_mode != "default", compile_mode=args.compile_mode,
+                         augment_backend=args.augment_backend,
                          augment_ahead=(ahead_default(device) if args.augment_ahead is None
                                         else args.augment_ahead),
                          stem=args.stem, pretrained=str(args.pretrained) if args.pretrained else None, **training,
