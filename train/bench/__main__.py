@@ -8,6 +8,10 @@
     python -m train.bench gpu [--device cuda] [--json gpu.json] [--quick]
         the one-command GPU check: CUDA tests, augmentation, loader placements, training steps, a compiled demo run;
         a markdown table for the README; exit code 1 if anything failed
+    python -m train.bench recipe [--model resnet18] [--epochs N] [--device cpu|cuda] [--quick] [--scale F] [--json PATH]
+        the preset recipe at the dataset's scale on a synthetic C-NMC-sized source: build s, s per epoch per stage,
+        evaluation s, total (measured, and projected to the whole recipe), data share, the report's loader for the
+        ratio; exit code 1 if anything failed
 
 The build benchmark (no torch) is `python -m pipeline.bench build`.
 """
@@ -25,7 +29,7 @@ from pipeline.progress import add_progress_flags
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{loader,scale,gpu}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{loader,scale,gpu,recipe}")
 
     loader = sub.add_parser("loader", prog="python -m train.bench loader",
                             help="the report's per-image loader against the cached loader + augmentation",
@@ -59,6 +63,33 @@ def _parser() -> argparse.ArgumentParser:
     gpu.add_argument("--work-dir", type=Path, help="where the caches and the demo run go (default: the temp folder)")
     gpu.add_argument("--json", type=Path, help="also write the figures here")
     add_progress_flags(gpu)
+
+    recipe = sub.add_parser("recipe", prog="python -m train.bench recipe",
+                            help="the preset recipe timed at the dataset's scale",
+                            description="the model's preset recipe (train.run without --stages) on a synthetic "
+                                        "source of the Kaggle C-NMC download's shape: build, epochs per stage, "
+                                        "evaluation, totals measured and projected, and the report's per-image "
+                                        "loader for the ratio; every part recorded even when another fails")
+    recipe.add_argument("--model", default="resnet18", help="resnet18 (default), resnet50 or resnet152")
+    recipe.add_argument("--epochs", type=int, help="train only the first N epochs of each stage (compiled: at least "
+                                                    "2) and project the rest (default: the whole recipe)")
+    recipe.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    recipe.add_argument("--quick", action="store_true",
+                        help="tiny images and sizes (32/48 px), 1 epoch per stage: checks the wiring")
+    recipe.add_argument("--scale", type=float, default=1.0,
+                        help="build and train on this fraction of the dataset's images and project per-image costs "
+                             "to the whole (default 1)")
+    recipe.add_argument("--recipe", default="report", help="the training options' recipe: report (default) or modern")
+    recipe.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile as train.run --compile (default: on CUDA only)")
+    recipe.add_argument("--report-images", type=int,
+                        help="time the report's loader on this many images per stage and project the pass "
+                             "(default: the whole training split)")
+    recipe.add_argument("--work-dir", type=Path,
+                        help="where the source is kept (reused by the next run) and the cache and run go while "
+                             "it runs (default: the temp folder)")
+    recipe.add_argument("--json", type=Path, help="also write the figures here")
+    add_progress_flags(recipe)
     return p
 
 
@@ -97,6 +128,27 @@ def main(argv=None) -> int:
                                  progress=args.progress)
         print(bench_scale.report(result))
         print(args.plot)
+    elif args.command == "recipe":
+        from train.bench import recipe as bench_recipe
+        if _cuda_missing(args.device):
+            return 2
+
+        def on_part(partial: dict) -> None:
+            name, part = list(partial["parts"].items())[-1]
+            print(f"recipe: {name} {part['status']} in {part['seconds']} s", file=sys.stderr, flush=True)
+            if args.json:  # a run stopped by a time limit keeps the parts it finished
+                args.json.write_text(json.dumps(partial, indent=2) + "\n")
+
+        try:
+            result = bench_recipe.run(model=args.model, epochs=args.epochs, device=args.device, quick=args.quick,
+                                      work_dir=args.work_dir, scale=args.scale, compile_=args.compile,
+                                      recipe=args.recipe, report_images=args.report_images,
+                                      progress=args.progress, on_part=on_part)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(bench_recipe.report(result))
+        code = 0 if result["ok"] else 1
     else:
         from train.bench import gpu as bench_gpu
         if _cuda_missing(args.device):
