@@ -12,6 +12,9 @@
         the preset recipe at the dataset's scale on a synthetic C-NMC-sized source: build s, s per epoch per stage,
         evaluation s, total (measured, and projected to the whole recipe), data share, the report's loader for the
         ratio; exit code 1 if anything failed
+    python -m train.bench peers [--device cpu|cuda] [--size 224] [--batch-size 256] [--quick] [--json PATH]
+        GpuAugment beside Kornia, torchvision v2 and the report's DataLoader on the same batch, alone and feeding
+        ResNet18 training steps: img/s, ratio to GpuAugment, data share, and how each one's semantics differ
 
 The build benchmark (no torch) is `python -m pipeline.bench build`.
 """
@@ -29,7 +32,7 @@ from pipeline.progress import add_progress_flags
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{loader,scale,gpu,recipe}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{loader,scale,gpu,recipe,peers}")
 
     loader = sub.add_parser("loader", prog="python -m train.bench loader",
                             help="the report's per-image loader against the cached loader + augmentation",
@@ -90,6 +93,18 @@ def _parser() -> argparse.ArgumentParser:
                              "it runs (default: the temp folder)")
     recipe.add_argument("--json", type=Path, help="also write the figures here")
     add_progress_flags(recipe)
+
+    peers = sub.add_parser("peers", prog="python -m train.bench peers",
+                           help="GpuAugment against Kornia, torchvision v2 and the report's DataLoader",
+                           description="the same uint8 batch through GpuAugment and its peers, alone and feeding "
+                                       "ResNet18 training steps; every row recorded even when another fails")
+    peers.add_argument("--device", default="cpu", help="cpu or cuda")
+    peers.add_argument("--size", type=int, help="output px (default 224; 64 with --quick)")
+    peers.add_argument("--batch-size", type=int,
+                       help="images per batch (default 256 on CUDA, 64 on the CPU, 8 with --quick)")
+    peers.add_argument("--quick", action="store_true", help="tiny size, batch and counts: checks the wiring")
+    peers.add_argument("--json", type=Path, help="also write the figures here")
+    add_progress_flags(peers)
     return p
 
 
@@ -149,6 +164,18 @@ def main(argv=None) -> int:
             return 2
         print(bench_recipe.report(result))
         code = 0 if result["ok"] else 1
+    elif args.command == "peers":
+        from train.bench import peers as bench_peers
+        if _cuda_missing(args.device):
+            return 2
+        try:
+            bench_peers.plan_for(args.device, args.quick, args.size, args.batch_size)  # bad flags: exit 2 at once
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        result = bench_peers.run(device=args.device, size=args.size, batch_size=args.batch_size, quick=args.quick,
+                                 progress=args.progress)
+        print(bench_peers.report(result))
     else:
         from train.bench import gpu as bench_gpu
         if _cuda_missing(args.device):
