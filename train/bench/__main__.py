@@ -5,9 +5,11 @@
         ResNet training steps on a resident batch and fed by it: the data share)
     python -m train.bench scale [--counts 1000 4000 16000] [--plot scale.png]
         build seconds, cache bytes, streaming/resident images/s and peak RSS as the data grows
-    python -m train.bench gpu [--device cuda] [--json gpu.json] [--quick]
-        the one-command GPU check: CUDA tests, augmentation, loader placements, training steps, a compiled demo run;
-        a markdown table for the README; exit code 1 if anything failed
+    python -m train.bench gpu [--device cuda] [--json gpu.json] [--quick] [--part NAME [NAME ...]]
+        the one-command GPU check: CUDA tests, augmentation, loader placements, training steps fed inline and one
+        batch ahead, a compiled demo run (the default parts); --part compile-modes consistency (or all) adds eager
+        against compiled and CUDA-graph steps, and the training/evaluation commands on the device against the CPU;
+        markdown tables for the README; exit code 1 if anything failed
     python -m train.bench recipe [--model resnet18] [--epochs N] [--device cpu|cuda] [--quick] [--scale F] [--json PATH]
         the preset recipe at the dataset's scale on a synthetic C-NMC-sized source: build s, s per epoch per stage,
         evaluation s, total (measured, and projected to the whole recipe), data share, the report's loader for the
@@ -27,6 +29,10 @@ import sys
 from pathlib import Path
 
 from pipeline.progress import add_progress_flags
+
+# train.bench.gpu's PARTS and DEFAULT_PARTS, here too so that --help does not import torch (a test keeps them equal)
+GPU_PARTS = ("tests", "augmentation", "loader", "training", "demo", "compile-modes", "consistency")
+GPU_DEFAULT_PARTS = ("tests", "augmentation", "loader", "training", "demo")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     gpu.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --quick: checks the wiring)")
     gpu.add_argument("--quick", action="store_true",
                      help="tiny sizes and counts, no pytest, a one-epoch demo without --compile")
+    gpu.add_argument("--part", nargs="+", metavar="NAME", choices=(*GPU_PARTS, "all"), default=None,
+                     help=f"the parts to run, in the check's order: {', '.join(GPU_PARTS)}; or all (default: "
+                          f"{' '.join(GPU_DEFAULT_PARTS)}, one call of under 8 minutes on an H200)")
     gpu.add_argument("--work-dir", type=Path, help="where the caches and the demo run go (default: the temp folder)")
     gpu.add_argument("--json", type=Path, help="also write the figures here")
     add_progress_flags(gpu)
@@ -187,7 +196,7 @@ def main(argv=None) -> int:
                 args.json.write_text(json.dumps(partial, indent=2) + "\n")
 
         result = bench_gpu.run(device=args.device, quick=args.quick, work_dir=args.work_dir,
-                               progress=args.progress, on_stage=on_stage)
+                               progress=args.progress, on_stage=on_stage, parts=args.part)
         print(bench_gpu.report(result))
         code = 0 if result["ok"] else 1
     if args.json:

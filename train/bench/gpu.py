@@ -1,16 +1,27 @@
-"""The one-command GPU check (`python -m train.bench gpu`): what needs CUDA, in one run of under 8 minutes.
+"""The one-command GPU check (`python -m train.bench gpu`): what needs CUDA, by default in one run of under 8 minutes.
 
-1. the CUDA tests (`pytest -m gpu`) in a subprocess;
-2. augmentation images/s (GpuAugment, torch backend, training mode) at 128 and 224 px, batch 64 and 256, eager and
-   compiled, on a resident uint8 channels_last batch;
-3. the cached loader's images/s resident on the device, resident in host memory, and streaming;
-4. ResNet18/50/152 training steps (AMP, channels_last, 224 px, batch 64) on a resident synthetic batch and fed by the
-   loader + augmentation, and the data share 1 - fed / resident (the loader part's `time_training`);
-5. a two-stage demo run with --compile in a subprocess, and its metrics.csv and summary.json figures.
+Parts (`--part NAME ...`; the first five by default, `--part all` for every one):
+1. tests: the CUDA tests (`pytest -m gpu`) in a subprocess;
+2. augmentation: GpuAugment images/s (torch backend, training mode) at 128 and 224 px, batch 64 and 256, eager and
+   compiled, writing float32; and compiled at batch 256 writing bf16, as train.run's AMP step now asks for
+   (`Precision.out_dtype`); on a resident uint8 channels_last batch;
+3. loader: the cached loader's images/s resident on the device, resident in host memory, and streaming;
+4. training: ResNet18/50/152 training steps (AMP, channels_last, 224 px, batch 64) on a resident synthetic batch,
+   fed inline (float32 augmentation before each step, as before) and fed ahead (bf16 augmentation one batch ahead
+   on a side stream, train.engine.ahead, as train.run does on CUDA), and each feed's data share 1 - fed / resident
+   (the loader part's `time_training`, its alternating rounds);
+5. demo: a two-stage demo run with --compile in a subprocess, its metrics.csv and summary.json figures, and its
+   config.json's augment_ahead;
+6. compile-modes: ResNet18/50 training steps at batch 64 and 256, eager against `--compile` and `--compile-mode
+   reduce-overhead` (CUDA graphs), built as train.run builds them (the compile_modes part);
+7. consistency: train.run with the modern recipe (SGD and AdamW), a 2-fold train.cv, train.evaluate --tta and
+   train.predict --tta on the device against the CPU, each within a stated tolerance (the consistency part).
+The loader and training parts share a benchmark cache, built first (the `cache` stage) when either runs.
 
 Every part, and every row within one, is recorded whether or not the others fail: a failure keeps its error text in
-the result and the table, and `ok` is False. `--device cpu --quick` runs the same wiring at tiny sizes on a CPU.
-The markdown tables come from `report` (the gpu_report part).
+the result and the table, and `ok` is False (the recording is the record part's). `--device cpu --quick` runs the
+same wiring at tiny sizes on a CPU; what cannot run there (a device-resident loader, CUDA graphs, the CUDA tests)
+records `skipped` with the reason. The markdown tables come from `report` (the gpu_report part).
 """
 from __future__ import annotations
 
@@ -23,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,14 +45,21 @@ from pipeline.config import PreprocessConfig
 from pipeline.progress import progress_bar
 from pipeline.store import CacheReader
 from train.augment import GpuAugment
+from train.bench.compile_modes import check_compile_modes
+from train.bench.consistency import check_consistency
 from train.bench.gpu_report import report  # noqa: F401  (the CLI prints train.bench.gpu.report(result))
-from train.bench.loader import sync, time_augment, time_cached, time_training
+from train.bench.loader import Feed, sync, time_augment, time_cached, time_training
+from train.bench.record import ROOT, TAIL_CHARS, attempt as _attempt, free as _free, run_command as _run
+from train.bench.record import stage as _stage
 from train.data.loader import CacheLoader
+from train.engine import run_folder as rf
+from train.engine.loop import Precision
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # synthetic input: any normalisation costs the same
-TAIL_CHARS = 3000  # of a subprocess's output, kept in the result when it fails
+# The parts in the order they run; `--part` picks some (DEFAULT_PARTS when none is given, `all` for every one).
+PARTS = ("tests", "augmentation", "loader", "training", "demo", "compile-modes", "consistency")
+DEFAULT_PARTS = ("tests", "augmentation", "loader", "training", "demo")  # one call of under 8 minutes on an H200
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,8 @@ class Plan:
     aug_calls: int = 40
     aug_warmup_calls: int = 5
     aug_compiled: tuple[bool, ...] = (False, True)
+    aug_bf16_batches: tuple[int, ...] = (256,)  # rows writing bf16 (each size), compiled as train.run --compile
+    aug_bf16_compiled: tuple[bool, ...] = (True,)
     size: int = 224  # px, for the loader and the training steps
     batch_size: int = 64
     source_images: int = 1024
@@ -69,51 +88,26 @@ class Plan:
     demo_batch_size: int = 32
     demo_compile: bool = True
     demo_timeout_s: int = 300
+    cm_models: tuple[str, ...] = ("resnet18", "resnet50")  # the compile-modes part
+    cm_batches: tuple[int, ...] = (64, 256)
+    cm_modes: tuple[str, ...] = ("eager", "default", "reduce-overhead")  # eager, or a --compile-mode
+    cm_size: int = 224
+    cm_steps: int = 20  # per round
+    cm_warmup_steps: int = 5  # untimed: the compile, CUDA graphs' warm-up and capture, cuDNN's search
+    cm_rounds: int = 3
+    consistency_stage: str = "64:2"  # the consistency part: one stage of the demo cache
+    consistency_batch_size: int = 32
+    consistency_opts: tuple[str, ...] = ("sgd", "adamw")
+    consistency_folds: int = 2
+    consistency_timeout_s: int = 300  # per command
 
 
-QUICK = Plan(aug_sizes=(64,), aug_batches=(8,), aug_calls=2, aug_warmup_calls=1, size=64, batch_size=8,
-             source_images=256, loader_images=256, streaming_budget_bytes=2**20, models=("resnet18",), train_steps=3,
-             train_warmup_steps=2, pytest=False, demo_sizes=(64,), demo_stages=("64:1",), demo_batch_size=16,
-             demo_compile=False, demo_timeout_s=120)
-
-
-# ---------------------------------------------------------------------- recording failures
-
-
-def _error(err: BaseException) -> dict:
-    frame = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
-    where = f" ({Path(frame.filename).name}:{frame.lineno})" if frame else ""
-    return {"error": f"{type(err).__name__}: {err}"[:600] + where,
-            "traceback": "".join(traceback.format_exception(err))[-TAIL_CHARS:]}
-
-
-def _free(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _attempt(row: dict, fn, device: torch.device) -> dict:
-    """`row` updated with fn()'s figures, or with the error that stopped it (the next row still runs)."""
-    try:
-        row.update(fn())
-    except Exception as err:  # one failing measurement must not stop the check; its text is the record
-        log.warning("%s failed: %s", row, err)
-        row.update(_error(err))
-    finally:
-        _free(device)
-    return row
-
-
-def _stage(fn, *args) -> dict:
-    start = time.perf_counter()
-    try:
-        result = fn(*args)
-    except Exception as err:  # as in _attempt: recorded, and the next stage runs
-        result = _error(err)
-    failed = "error" in result or any("error" in row for row in result.get("rows", []))
-    result["status"] = "skipped" if "skipped" in result else "failed" if failed else "ok"
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    return result
+QUICK = Plan(aug_sizes=(64,), aug_batches=(8,), aug_calls=2, aug_warmup_calls=1, aug_bf16_batches=(8,), size=64,
+             batch_size=8, source_images=256, loader_images=256, streaming_budget_bytes=2**20, models=("resnet18",),
+             train_steps=3, train_warmup_steps=2, pytest=False, demo_sizes=(64,), demo_stages=("64:1",),
+             demo_batch_size=16, demo_compile=False, demo_timeout_s=120, cm_models=("resnet18",), cm_batches=(4,),
+             cm_size=32, cm_steps=2, cm_warmup_steps=1, cm_rounds=2, consistency_stage="64:1",
+             consistency_opts=("sgd",))
 
 
 # ---------------------------------------------------------------------- the parts
@@ -134,9 +128,10 @@ def check_tests(plan: Plan) -> dict:
     return {"command": " ".join(cmd[1:]), "rows": [row]}
 
 
-def _augment_rate(plan: Plan, size: int, batch_size: int, compiled: bool, device: torch.device) -> dict:
+def _augment_rate(plan: Plan, size: int, batch_size: int, compiled: bool, device: torch.device,
+                  out_dtype: torch.dtype = torch.float32) -> dict:
     stored = PreprocessConfig().geometry(size).stored_size
-    augment = GpuAugment(size, stored, MEAN, STD, backend="torch").to(device).train()
+    augment = GpuAugment(size, stored, MEAN, STD, backend="torch", out_dtype=out_dtype).to(device).train()
     # (B, 3, S_stored, S_stored) uint8, channels_last as the loader yields it, already on the device
     images = torch.randint(0, 256, (batch_size, 3, stored, stored), dtype=torch.uint8, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
@@ -155,12 +150,15 @@ def _augment_rate(plan: Plan, size: int, batch_size: int, compiled: bool, device
 
 
 def check_augmentation(plan: Plan, device: torch.device) -> dict:
+    cases = [(size, batch_size, compiled, torch.float32) for size in plan.aug_sizes for batch_size in plan.aug_batches
+             for compiled in plan.aug_compiled]
+    cases += [(size, batch_size, compiled, torch.bfloat16) for size in plan.aug_sizes
+              for batch_size in plan.aug_bf16_batches for compiled in plan.aug_bf16_compiled]
     rows = []
-    for size in plan.aug_sizes:
-        for batch_size in plan.aug_batches:
-            for compiled in plan.aug_compiled:
-                row = {"size": size, "batch_size": batch_size, "compiled": compiled}
-                rows.append(_attempt(row, lambda: _augment_rate(plan, size, batch_size, compiled, device), device))
+    for size, batch_size, compiled, out_dtype in cases:
+        row = {"size": size, "batch_size": batch_size, "compiled": compiled,
+               "out_dtype": str(out_dtype).replace("torch.", "")}
+        rows.append(_attempt(row, lambda: _augment_rate(plan, size, batch_size, compiled, device, out_dtype), device))
     return {"backend": "torch", "calls": plan.aug_calls, "rows": rows}
 
 
@@ -201,24 +199,28 @@ def check_training(plan: Plan, device: torch.device, reader: CacheReader | None)
     if reader is None:
         raise RuntimeError("no benchmark cache (see the cache stage's error)")
     loader = CacheLoader(reader, plan.size, "train", plan.batch_size, device=device, train=True)  # as train.run
-    augment = GpuAugment.from_manifest(reader.manifest, plan.size).to(device).train()
+    out_dtype = Precision.for_device(device, amp=True).out_dtype  # what the trainer asks the augmentation for
+    inline = GpuAugment.from_manifest(reader.manifest, plan.size).to(device).train()
+    ahead = GpuAugment.from_manifest(reader.manifest, plan.size, out_dtype=out_dtype).to(device).train()
     compiled = device.type == "cuda"  # the torch backend, compiled as train.run --compile does (the CPU: OpenCV)
     if compiled:
         torch._dynamo.reset()
-        augment.compile()
+        inline.compile()
+        ahead.compile()
+    # `fed`: the augmentation in float32 on the compute stream before each step (train.run before the side stream);
+    # `ahead`: in the step's dtype, one batch ahead (on a side stream on CUDA), as train.run now feeds its steps
+    feeds = {"fed": Feed(inline, ahead=False), "ahead": Feed(ahead, ahead=True)}
     rows = []
     for name in plan.models:
         rows.append(_attempt({"model": name}, lambda: time_training(
-            loader, augment, device, models=(name,), steps=plan.train_steps,
-            warmup_steps=plan.train_warmup_steps)[name], device))
+            loader, inline, device, models=(name,), steps=plan.train_steps, warmup_steps=plan.train_warmup_steps,
+            feeds=feeds)[name], device))
     return {"size": plan.size, "batch_size": plan.batch_size, "loader": f"{loader.mode}/{loader.placement}",
-            "augment_backend": augment.backend_for(device) + (", compiled" if compiled else ""), "rows": rows}
-
-
-def _run(cmd: list[str], timeout_s: float) -> tuple[subprocess.CompletedProcess, float]:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
-    return proc, time.perf_counter() - start
+            "augment_backend": inline.backend_for(device) + (", compiled" if compiled else ""),
+            "feeds": {"fed": "inline, float32", "ahead": "one batch ahead" + (
+                " on a side stream" if device.type == "cuda" else " (in order: a CPU has no second stream)")
+                + f", {str(out_dtype).replace('torch.', '')}"},
+            "rows": rows}
 
 
 def _number(text: str):
@@ -255,7 +257,10 @@ def check_demo(plan: Plan, device: torch.device, work: Path) -> dict:
             return {**result, "error": f"{step} exited {procs[step].returncode}",
                     "output_tail": (procs[step].stdout + procs[step].stderr)[-TAIL_CHARS:]}
     run_dir = Path(procs["run"].stdout.strip().splitlines()[-1])  # train.run prints the run folder last
-    return {**result, "run_dir": str(run_dir), **read_run(run_dir)}
+    # whether the run's batches were augmented one batch ahead (on by default on CUDA), as its config.json says
+    saved = rf.read_run_config(run_dir)
+    return {**result, "run_dir": str(run_dir), "augment_ahead": saved.augment_ahead,
+            "compile_mode": saved.compile_mode if saved.compile else None, **read_run(run_dir)}
 
 
 # ---------------------------------------------------------------------- the whole check
@@ -274,20 +279,34 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
+def parts_asked(names) -> tuple[str, ...]:
+    """`--part` values -> the parts to run, in the check's order (DEFAULT_PARTS for none; `all` for every one)."""
+    names = list(names or DEFAULT_PARTS)
+    unknown = [n for n in names if n not in (*PARTS, "all")]
+    if unknown:
+        raise ValueError(f"unknown part {', '.join(unknown)}; the parts are {', '.join(PARTS)} (or all)")
+    return PARTS if "all" in names else tuple(p for p in PARTS if p in names)
+
+
 def run(device: str = "cuda", quick: bool = False, work_dir: Path | None = None, plan: Plan | None = None,
-        progress="off", on_stage=None) -> dict:
-    """The whole check. `on_stage(result)` is called after each part, so a check stopped by a time limit still
-    leaves the parts it finished (the CLI rewrites --json and logs one line per part)."""
+        progress="off", on_stage=None, parts=DEFAULT_PARTS) -> dict:
+    """The check's `parts` (names of PARTS; the `cache` stage comes with loader or training). `on_stage(result)` is
+    called after each part, so a check stopped by a time limit still leaves the parts it finished (the CLI rewrites
+    --json and logs one line per part)."""
     device = torch.device(device)
     plan = plan or (QUICK if quick else Plan())
+    parts = parts_asked(parts)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes, as in a training stage
     start = time.perf_counter()
-    result = {**device_info(device), "quick": quick, "plan": asdict(plan), "stages": {}}
+    result = {**device_info(device), "quick": quick, "parts": list(parts), "plan": asdict(plan), "stages": {}}
     stages = result["stages"]
-    bar = progress_bar(progress, 6, "gpu check", "part", log)
+    needs_cache = {"loader", "training"} & set(parts)
+    bar = progress_bar(progress, len(parts) + bool(needs_cache), "gpu check", "part", log)
 
     def staged(name, fn, *args):
+        if name not in parts and name != "cache":
+            return
         stages[name] = _stage(fn, *args)
         bar.update()
         if on_stage is not None:
@@ -297,15 +316,19 @@ def run(device: str = "cuda", quick: bool = False, work_dir: Path | None = None,
     staged("augmentation", check_augmentation, plan, device)
     with tempfile.TemporaryDirectory(prefix="gpu-check-", dir=work_dir) as tmp:
         work = Path(tmp)
-        staged("cache", build_cache, plan, work)
-        reader = CacheReader(stages["cache"]["cache_dir"]) if stages["cache"]["status"] == "ok" else None
+        reader = None
+        if needs_cache:
+            staged("cache", build_cache, plan, work)
+            reader = CacheReader(stages["cache"]["cache_dir"]) if stages["cache"]["status"] == "ok" else None
         staged("loader", check_loader, plan, device, reader)
         staged("training", check_training, plan, device, reader)
         _free(device)  # the demo run is another process on the same device
         staged("demo", check_demo, plan, device, work)
+        staged("compile-modes", check_compile_modes, plan, device)
+        _free(device)  # as for the demo: the consistency part's commands are other processes
+        staged("consistency", check_consistency, plan, device, work)
     bar.close()
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["failed"] = [name for name, s in stages.items() if s["status"] == "failed"]
     result["ok"] = not result["failed"]
     return result
-

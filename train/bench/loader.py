@@ -15,6 +15,7 @@ import logging
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -137,9 +138,40 @@ def time_augment(augment: GpuAugment, images: torch.Tensor, calls: int, warmup_c
     return seconds / (count / n)
 
 
+@dataclass(frozen=True)
+class Feed:
+    """How fed training steps get their batches: through `augment` (whose `out_dtype` they train on), inline before
+    each step or one batch ahead (train.engine.ahead's `augmented_batches`, on a side stream on CUDA)."""
+    augment: GpuAugment
+    ahead: bool = False
+
+
+def feed_keys(name: str) -> tuple[str, str, str]:
+    """The result keys of a feed's figures: (images/s, data share, rounds). The inline feed `fed` keeps the names
+    the figures had before there were other feeds (`fed_imgs_per_s`, `data_share`)."""
+    share = "data_share" if name == "fed" else f"{name}_data_share"
+    return f"{name}_imgs_per_s", share, f"{name}_rounds"
+
+
+class _Epochs:
+    """`loader`'s batches epoch after epoch as one iterable (augmented_batches iterates its loader once); `close`
+    stops a streaming loader's reader thread even mid-epoch."""
+
+    def __init__(self, loader: CacheLoader):
+        self.loader, self.batches = loader, None
+
+    def __iter__(self):
+        self.batches = cycle(self.loader)
+        return self.batches
+
+    def close(self) -> None:
+        if self.batches is not None:
+            self.batches.close()
+
+
 def time_training(loader: CacheLoader, augment: GpuAugment, device: torch.device,
                   models=("resnet18", "resnet50", "resnet152"), steps: int = 30, warmup_steps: int = 5,
-                  seed: int = 0, rounds: int = 3) -> dict:
+                  seed: int = 0, rounds: int = 3, feeds: dict[str, Feed] | None = None) -> dict:
     """Per model: training-step images/s fed by the loader + augmentation, and on a resident synthetic batch
     already on the device, both measured here, and the share of the fed step's time that data costs:
 
@@ -148,18 +180,26 @@ def time_training(loader: CacheLoader, augment: GpuAugment, device: torch.device
     AMP and channels_last as train.run uses them. The share counts loading and augmentation only where they do not
     overlap with the model's work (the device waiting, or busy augmenting); noise can make it slightly negative.
 
-    The two are timed in `rounds` alternating rounds of `steps` steps, and each figure is the median of its rounds:
-    on an H200 an eager ResNet step at batch 64 is bound by the host's kernel launches, and the same resident step
-    measured twice in one process differed by 20% (43 vs 52 ms for ResNet152), more than the data share itself.
-    `resident_spread` = (slowest - fastest) / median resident round: a data share below it is within the noise.
+    `feeds` names the ways of feeding the step, each timed with its own figures (`feed_keys`); the default is one,
+    `fed`: `augment` inline before each step. The batches come from train.engine.ahead's `augmented_batches` with
+    an EpochTimer's marks, as train_one_epoch gets them, so a feed with `ahead` is what train.run does on CUDA.
+
+    The resident step and each feed are timed in `rounds` alternating rounds of `steps` steps, and each figure is
+    the median of its rounds: on an H200 an eager ResNet step at batch 64 is bound by the host's kernel launches,
+    and the same resident step measured twice in one process differed by 20% (43 vs 52 ms for ResNet152), more
+    than the data share itself. `resident_spread` = (slowest - fastest) / median resident round: a data share below
+    it is within the noise.
     """
     from models import build_model
+    from train.engine.ahead import augmented_batches
     from train.engine.loop import Precision, train_step
+    from train.engine.timing import EpochTimer
+    feeds = feeds or {"fed": Feed(augment)}
     precision = Precision.for_device(device, amp=True)
     generator = torch.Generator().manual_seed(seed)
     batch_size, size = loader.batch_size, augment.size
-    # (B, 3, S, S) float, as the augmentation yields it; two classes, as the models' heads
-    x_resident = precision.prepare(torch.randn(batch_size, 3, size, size, device=device))
+    # (B, 3, S, S) in the step's dtype, as train.run's augmentation now writes it; two classes, as the models' heads
+    x_resident = precision.prepare(torch.randn(batch_size, 3, size, size, device=device, dtype=precision.out_dtype))
     y_resident = torch.randint(0, 2, (batch_size,), device=device)
     results = {}
     for name in models:
@@ -168,35 +208,40 @@ def time_training(loader: CacheLoader, augment: GpuAugment, device: torch.device
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
 
-        def resident_step(batch, model=model, opt=opt):  # bound now: both are deleted after this model
-            train_step(model, batch[0], batch[1], opt, precision, device)
-            return batch_size
-
-        def fed_step(batch, model=model, opt=opt):
+        def step(batch, model=model, opt=opt):  # bound now: both are deleted after this model
             x, y = batch
-            x = precision.prepare(augment.apply(x, augment.sample(len(y), generator)))
             train_step(model, x, y, opt, precision, device)
             return len(y)
 
-        resident_rates, fed_rates = [], []
-        batches = cycle(loader)
+        rates = {"resident": [], **{feed: [] for feed in feeds}}
+        images = {}
+        epochs = {feed: _Epochs(loader) for feed in feeds}
+        batches = {feed: augmented_batches(epochs[feed], f.augment, generator, precision.prepare, EpochTimer(device),
+                                           device, f.ahead) for feed, f in feeds.items()}
         try:
             for round_ in range(rounds):
                 warmup = warmup_steps if round_ == 0 else 0
-                count, seconds = time_steps(resident_step, itertools.repeat((x_resident, y_resident)), steps,
-                                            warmup, device)
-                resident_rates.append(count / seconds)
-                images, seconds = time_steps(fed_step, batches, steps, warmup, device)
-                fed_rates.append(images / seconds)
+                count, seconds = time_steps(step, itertools.repeat((x_resident, y_resident)), steps, warmup, device)
+                rates["resident"].append(count / seconds)
+                for feed in feeds:
+                    images[feed], seconds = time_steps(step, batches[feed], steps, warmup, device)
+                    rates[feed].append(images[feed] / seconds)
         finally:
-            batches.close()
-        resident, fed = statistics.median(resident_rates), statistics.median(fed_rates)
-        results[name] = {"resident_imgs_per_s": resident, "fed_imgs_per_s": fed, "data_share": 1 - fed / resident,
-                         "resident_spread": (max(resident_rates) - min(resident_rates)) / resident,
-                         "rounds": rounds, "resident_rounds": resident_rates, "fed_rounds": fed_rates,
-                         "batch_size": batch_size, "size": size, "steps": steps, "images": images,
-                         "amp_dtype": str(precision.amp_dtype).replace("torch.", "") if precision.amp_dtype else None}
-        del model, opt
+            for feed in feeds:
+                batches[feed].close()
+                epochs[feed].close()
+        resident = statistics.median(rates["resident"])
+        row = {"resident_imgs_per_s": resident,
+               "resident_spread": (max(rates["resident"]) - min(rates["resident"])) / resident,
+               "rounds": rounds, "resident_rounds": rates["resident"], "batch_size": batch_size, "size": size,
+               "steps": steps, "images": next(iter(images.values())),
+               "amp_dtype": str(precision.amp_dtype).replace("torch.", "") if precision.amp_dtype else None}
+        for feed in feeds:
+            rate_key, share_key, rounds_key = feed_keys(feed)
+            fed = statistics.median(rates[feed])
+            row.update({rate_key: fed, share_key: 1 - fed / resident, rounds_key: rates[feed]})
+        results[name] = row
+        del model, opt, step, batches
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results
