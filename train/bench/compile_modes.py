@@ -30,7 +30,8 @@ from train.bench.record import attempt, error_of, free
 from train.engine.loop import Precision, train_step
 from train.engine.optim import build_optimizer
 from train.engine.options import RECIPES
-from train.engine.trainer import COMPILE_OPTIONS, compile_mode_options
+from train.engine.config import compile_mode_options
+from train.engine.trainer import COMPILE_OPTIONS
 
 EAGER = "eager"  # the model not compiled; any other mode is a --compile-mode value
 

@@ -37,7 +37,8 @@ from pipeline.config import PreprocessConfig
 from pipeline.progress import progress_bar
 from pipeline.store import CacheReader
 from train.augment import AugConfig, GpuAugment
-from train.bench.gpu import _attempt, _error, device_info
+from train.bench.gpu import device_info
+from train.bench.record import attempt as _attempt, error_of as _error
 from train.bench.loader import ReportDataset, sync, time_steps
 from train.bench.peers_report import report  # noqa: F401  (the CLI prints train.bench.peers.report(result))
 

@@ -40,7 +40,7 @@ from pipeline.config import PreprocessConfig
 from pipeline.progress import bars, progress_bar
 from pipeline.store import CacheReader
 from train.bench import recipe_source
-from train.bench.gpu import _attempt, _free, _stage
+from train.bench.record import attempt as _attempt, free as _free, stage as _stage
 from train.bench.loader import ReportDataset, sync
 from train.engine import run_folder as rf
 from train.engine.config import PRESETS, TrainConfig

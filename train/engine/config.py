@@ -15,6 +15,12 @@ REPORT = RECIPES["report"]  # TrainConfig's defaults: a config.json written befo
 # best-valid weights continue at 224 px; ResNet18 at 224 px throughout; ResNet152 at 224 used batch 32 for memory.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
+
+def compile_mode_options(mode: str) -> dict:
+    """torch.compile's keyword for `--compile-mode` (none for the default)."""
+    return {} if mode == "default" else {"mode": mode}
+
+
 PRESETS = {
     "resnet18": ((224, 100, 64),),
     "resnet50": ((128, 550, 64), (224, 100, 64)),

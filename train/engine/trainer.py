@@ -30,7 +30,7 @@ from train.engine import checkpoint as ckpt
 from train.engine import run_folder as rf
 from train.augment import GpuAugment
 from train.engine.ahead import ahead_default
-from train.engine.config import TrainConfig
+from train.engine.config import TrainConfig, compile_mode_options
 from train.engine.distributed import Dist
 from train.engine.ema import ModelEma
 from train.data.loader import loader_for
@@ -46,11 +46,6 @@ log = logging.getLogger(__name__)
 # 66.6 s against 25.7 s for the first, static, stage (torch 2.11). A stage's batch shape never changes (the last
 # partial training batch is dropped, the last eval batch padded), so static graphs are never rebuilt within a stage.
 COMPILE_OPTIONS = {"dynamic": False}
-
-
-def compile_mode_options(mode: str) -> dict:
-    """torch.compile's keyword for `--compile-mode` (none for the default)."""
-    return {} if mode == "default" else {"mode": mode}
 
 
 class TrainingDiverged(RuntimeError):
