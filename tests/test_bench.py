@@ -75,9 +75,10 @@ def test_gpu_check_records_each_failure_and_runs_the_rest(tmp_path):
         "demo": "skipped"}
     assert result["ok"] is False and result["failed"] == ["training"]
     aug = stages["augmentation"]["rows"]
-    assert [(r["size"], r["batch_size"], r["compiled"], r["out_dtype"]) for r in aug] == [
-        (64, 8, False, "float32"), (64, 8, False, "bfloat16")]
-    assert all(r["imgs_per_s"] > 0 and r["stored_size"] > 64 for r in aug)
+    assert [(r["size"], r["batch_size"], r["backend"], r["compiled"], r["out_dtype"]) for r in aug] == [
+        (64, 8, "torch", False, "float32"), (64, 8, "torch", False, "bfloat16"), (64, 8, "triton", False, "bfloat16")]
+    assert all(r["imgs_per_s"] > 0 and r["stored_size"] > 64 for r in aug[:2])
+    assert aug[2]["skipped"] == "the Triton backend runs on CUDA"  # recorded, with the reason, not measured
     loader = {r["asked"]: r for r in stages["loader"]["rows"]}
     assert "skipped" in loader["resident, device"]  # no device memory on a CPU
     assert loader["resident, host"]["loader"] == "resident/host" and loader["resident, host"]["imgs_per_s"] > 0
@@ -92,8 +93,8 @@ def test_gpu_check_records_each_failure_and_runs_the_rest(tmp_path):
     assert "no-such-model" in bad["error"] and "imgs_per_s" not in str(bad)
     text = bench_gpu.report(result)
     assert text.startswith("## GPU check on CPU") and "**FAILED**: training" in text
-    assert "no-such-model" in text and "| resnet18 |" in text and "| 64 | 8 | eager |" in text
-    assert "| 64 | 8 | eager | bfloat16 |" in text and "ahead data share" in text
+    assert "no-such-model" in text and "| resnet18 |" in text and "| 64 | 8 | torch | eager |" in text
+    assert "| 64 | 8 | torch | eager | bfloat16 |" in text and "ahead data share" in text
 
 
 def test_gpu_check_subprocesses_start_in_the_repository():
@@ -221,8 +222,9 @@ def test_gpu_check_cli_quick_on_cpu_end_to_end(tmp_path, capsys):
     assert demo["run_returncode"] == 0 and [r["epoch"] for r in demo["rows"]] == [1]
     assert demo["summary"]["epochs"] == 1 and demo["summary"]["best_valid_acc"] is not None
     assert demo["augment_ahead"] is False  # the default off CUDA
-    assert [(r["compiled"], r["out_dtype"]) for r in result["stages"]["augmentation"]["rows"]] == [
-        (False, "float32"), (True, "float32"), (True, "bfloat16")]
+    assert [(r["backend"], r["compiled"], r["out_dtype"]) for r in result["stages"]["augmentation"]["rows"]] == [
+        ("torch", False, "float32"), ("torch", True, "float32"), ("torch", True, "bfloat16"),
+        ("triton", False, "bfloat16")]
     modes = {r["mode"]: r for r in result["stages"]["compile-modes"]["rows"]}
     assert modes["eager"]["imgs_per_s"] > 0 and modes["default"]["imgs_per_s"] > 0 and "skipped" in modes[
         "reduce-overhead"]

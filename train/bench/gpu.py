@@ -72,6 +72,7 @@ class Plan:
     aug_compiled: tuple[bool, ...] = (False, True)
     aug_bf16_batches: tuple[int, ...] = (256,)  # rows writing bf16 (each size), compiled as train.run --compile
     aug_bf16_compiled: tuple[bool, ...] = (True,)
+    aug_triton_batches: tuple[int, ...] = (256,)  # the Triton backend (CUDA only), writing bf16, each size
     size: int = 224  # px, for the loader and the training steps
     batch_size: int = 64
     source_images: int = 1024
@@ -102,7 +103,8 @@ class Plan:
     consistency_timeout_s: int = 300  # per command
 
 
-QUICK = Plan(aug_sizes=(64,), aug_batches=(8,), aug_calls=2, aug_warmup_calls=1, aug_bf16_batches=(8,), size=64,
+QUICK = Plan(aug_sizes=(64,), aug_batches=(8,), aug_calls=2, aug_warmup_calls=1, aug_bf16_batches=(8,),
+             aug_triton_batches=(8,), size=64,
              batch_size=8, source_images=256, loader_images=256, streaming_budget_bytes=2**20, models=("resnet18",),
              train_steps=3, train_warmup_steps=2, pytest=False, demo_sizes=(64,), demo_stages=("64:1",),
              demo_batch_size=16, demo_compile=False, demo_timeout_s=120, cm_models=("resnet18",), cm_batches=(4,),
@@ -129,17 +131,18 @@ def check_tests(plan: Plan) -> dict:
 
 
 def _augment_rate(plan: Plan, size: int, batch_size: int, compiled: bool, device: torch.device,
-                  out_dtype: torch.dtype = torch.float32) -> dict:
+                  out_dtype: torch.dtype = torch.float32, backend: str = "torch") -> dict:
     stored = PreprocessConfig().geometry(size).stored_size
-    augment = GpuAugment(size, stored, MEAN, STD, backend="torch", out_dtype=out_dtype).to(device).train()
+    augment = GpuAugment(size, stored, MEAN, STD, backend=backend, out_dtype=out_dtype).to(device).train()
     # (B, 3, S_stored, S_stored) uint8, channels_last as the loader yields it, already on the device
     images = torch.randint(0, 256, (batch_size, 3, stored, stored), dtype=torch.uint8, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(0)
     compile_s = None
-    if compiled:
+    if compiled or backend == "triton":  # Triton: the first call compiles the two kernels
         torch._dynamo.reset()  # a compile of its own for this shape, as one training stage gets
-        augment.compile()
+        if compiled:
+            augment.compile()
         start = time.perf_counter()
         augment.apply(images, augment.sample(batch_size, generator))
         sync(device)
@@ -154,12 +157,20 @@ def check_augmentation(plan: Plan, device: torch.device) -> dict:
              for compiled in plan.aug_compiled]
     cases += [(size, batch_size, compiled, torch.bfloat16) for size in plan.aug_sizes
               for batch_size in plan.aug_bf16_batches for compiled in plan.aug_bf16_compiled]
+    cases = [(*case, "torch") for case in cases]
+    # the hand-fused Triton kernels beside the compiled torch backend, same batch, same dtype: what `auto` should pick
+    cases += [(size, batch_size, False, torch.bfloat16, "triton") for size in plan.aug_sizes
+              for batch_size in plan.aug_triton_batches]
     rows = []
-    for size, batch_size, compiled, out_dtype in cases:
-        row = {"size": size, "batch_size": batch_size, "compiled": compiled,
+    for size, batch_size, compiled, out_dtype, backend in cases:
+        row = {"size": size, "batch_size": batch_size, "compiled": compiled, "backend": backend,
                "out_dtype": str(out_dtype).replace("torch.", "")}
-        rows.append(_attempt(row, lambda: _augment_rate(plan, size, batch_size, compiled, device, out_dtype), device))
-    return {"backend": "torch", "calls": plan.aug_calls, "rows": rows}
+        if backend == "triton" and device.type != "cuda":
+            rows.append({**row, "skipped": "the Triton backend runs on CUDA"})
+            continue
+        rows.append(_attempt(row, lambda: _augment_rate(plan, size, batch_size, compiled, device, out_dtype,
+                                                        backend), device))
+    return {"backend": "torch, triton", "calls": plan.aug_calls, "rows": rows}
 
 
 def build_cache(plan: Plan, work: Path) -> dict:

@@ -50,13 +50,14 @@ def _tests(s: dict) -> list[str]:
 
 
 def _augmentation(s: dict) -> list[str]:
-    lines = ["### Augmentation (GpuAugment training mode, torch backend; uint8 channels_last batch resident on the "
-             "device, parameters drawn per call)", ""] + _status_line(s)
+    lines = ["### Augmentation (GpuAugment training mode, torch and Triton backends; uint8 channels_last batch "
+             "resident on the device, parameters drawn per call)", ""] + _status_line(s)
     cells = [lambda r: _num(r["imgs_per_s"]), lambda r: _num(r["ms_per_batch"], ".2f"),
              lambda r: _num(r["compile_s"], ".1f")]
-    rows = [[str(r["size"]), str(r["batch_size"]), "compiled" if r["compiled"] else "eager",
-             r.get("out_dtype", "float32"), *_figures(r, cells)] for r in s.get("rows", [])]
-    return lines + (_table(["size px", "batch", "mode", "output", "imgs/s", "ms/batch", "compile s"], rows)
+    rows = [[str(r["size"]), str(r["batch_size"]), r.get("backend", "torch"),
+             "compiled" if r["compiled"] else "eager", r.get("out_dtype", "float32"), *_figures(r, cells)]
+            for r in s.get("rows", [])]
+    return lines + (_table(["size px", "batch", "backend", "mode", "output", "imgs/s", "ms/batch", "compile s"], rows)
                     if rows else [])
 
 
