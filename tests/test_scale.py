@@ -86,3 +86,8 @@ def test_streaming_memory_stays_within_budget_on_a_cache_many_times_larger(tmp_p
     constant = 16 * 2**20  # batches, one open file, allocator slack: measured ~7 MiB at 4k and 16k images
     assert streaming["peak_rss_above_baseline"] < budget + constant
     assert resident["peak_rss_above_baseline"] > 0.8 * train_bytes  # the measurement does see a split in memory
+
+
+def test_the_measuring_child_runs_from_the_repository_root():
+    from train.bench import scale
+    assert (scale.REPO_ROOT / "train" / "bench" / "scale.py").is_file()  # the old parents[1] was train/

@@ -21,6 +21,9 @@ from pipeline.config import PreprocessConfig
 from pipeline.demo import write_synthetic_source
 from pipeline.progress import progress_bar
 
+# the child runs here, so that it imports this checkout's train package (the file is train/bench/scale.py)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 log = logging.getLogger(__name__)
 
 
@@ -58,8 +61,7 @@ def measure_loader(cache_dir: Path, size: int, mode: str, budget_bytes: int | No
            "--mode", mode, "--batch-size", str(batch_size), "--epochs", str(epochs)]
     if budget_bytes is not None:
         cmd += ["--budget", str(budget_bytes)]
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True,
+    out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
