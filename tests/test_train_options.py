@@ -437,3 +437,13 @@ def test_unparsable_options_stop_argparse(flags, capsys):
 def test_a_config_with_bad_options_names_the_flag(options, flag):
     with pytest.raises(ValueError, match=flag):
         config(**options)
+
+
+def test_batch_size_given_with_a_preset_sets_every_stage(cache, tmp_path, monkeypatch):
+    from train.experiment import session
+    monkeypatch.setitem(session.PRESETS, "resnet18", ((16, 2, 64), (24, 1, 32)))  # a preset the tiny cache holds
+    common_flags = ["--cache", str(cache), "--out", str(tmp_path), "--device", "cpu"]
+    given, preset = session.resolve_config(session.parse_args(["resnet18", "--batch-size", "8", *common_flags]))
+    assert preset and [(s.size, s.epochs, s.batch_size) for s in given.stages] == [(16, 2, 8), (24, 1, 8)]
+    default, _ = session.resolve_config(session.parse_args(["resnet18", *common_flags]))
+    assert [s.batch_size for s in default.stages] == [64, 32]  # the preset's own, when --batch-size is not typed

@@ -267,6 +267,9 @@ def resolve_config(args, saved: bool = False) -> tuple[TrainConfig, bool]:
         stages = None
     else:
         stages = tuple(Stage(*s) for s in PRESETS[args.model])
+        if "batch_size" in getattr(args, "given", {}):  # typed: every preset stage takes it (it was ignored)
+            stages = tuple(Stage(s.size, s.epochs, args.batch_size) for s in stages)
+            log.info("the %s preset with --batch-size %d in every stage", args.model, args.batch_size)
     cache = args.cache or find_cache(args.cache_root, [s.size for s in stages] if stages else None)
     manifest = read_manifest(cache)
     if stages is None:
