@@ -16,6 +16,20 @@ class ModelError(ValueError):
     """An unknown model name or stem, or a weights file that does not fit; the message says what to do."""
 
 
+def load_error_reason(err: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, in a line or two. torch's own text for such a file (a JSON,
+    a pickle holding code) opens with a paragraph advising `weights_only=False` - unsafe for a file of unknown
+    origin - and filing an issue, and ends with a link: neither is the user's next step, so only the unpickler's
+    reason between them is kept."""
+    text = str(err).strip()
+    if not text.startswith("Weights only load failed"):
+        return f"{type(err).__name__}: {text}"
+    middle = [part.strip() for part in text.split("\n\n")[1:] if part.strip()
+              and not part.strip().startswith("Check the documentation")]
+    reason = " ".join(middle) or "no reason given"
+    return f"not a file of weights that torch.load reads with weights_only=True: {reason}"
+
+
 def build_model(name: str, num_classes: int = 2, stem: str = "standard",
                 pretrained: str | os.PathLike | None = None) -> nn.Module:
     """A torchvision ResNet with a `num_classes` head.
@@ -44,7 +58,7 @@ def load_backbone(model: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a bad or unsafe file
-        raise ModelError(f"--pretrained {path}: not a loadable weights file ({type(err).__name__}: {err})") from err
+        raise ModelError(f"--pretrained {path}: not a loadable weights file ({load_error_reason(err)})") from err
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a checkpoint of ours
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}

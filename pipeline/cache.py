@@ -1,7 +1,7 @@
 """Inspect, check and clear caches.
 
     python -m pipeline.cache list [--cache-dir cache]
-    python -m pipeline.cache verify cache/<key>
+    python -m pipeline.cache verify KEY_OR_PATH [--cache-dir cache]
     python -m pipeline.cache rm KEY_OR_PATH... [--cache-dir cache] [--dry-run]
     python -m pipeline.cache prune [--keep-newest N] [--older-than DAYS] [--incomplete] [--dry-run] [--cache-dir cache]
 """
@@ -68,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="show every complete cache and the total size")
     ls.add_argument("--cache-dir", type=Path, default=Path("cache"))
     ver = sub.add_parser("verify", help="re-check every shard's checksum and shape")
-    ver.add_argument("path", type=Path, help="a cache folder, cache/<key>")
+    ver.add_argument("path", type=Path, metavar="KEY_OR_PATH",
+                     help="a cache folder (cache/<key>), or a key of a cache in --cache-dir, as rm takes it")
+    ver.add_argument("--cache-dir", type=Path, default=Path("cache"))
     rm = sub.add_parser("rm", help="remove caches by key or path (only inside --cache-dir)")
     rm.add_argument("targets", nargs="+", metavar="KEY_OR_PATH")
     prune = sub.add_parser("prune", help="remove old caches and leftovers of interrupted builds")
@@ -156,7 +158,9 @@ def _verify(path: Path) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "verify":
-        return _verify(args.path)
+        # a key, as `list` shows it and `rm` takes it, where no folder of that name is here
+        keyed = not os.path.lexists(args.path) and housekeeping.KEY.fullmatch(str(args.path))
+        return _verify(args.cache_dir / args.path if keyed else args.path)
     try:
         return _list(args.cache_dir) if args.command == "list" else _remove(args)
     except store.CacheError as err:

@@ -46,6 +46,11 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ckpt.CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every report is written whole and summary.json last, so say so, not a traceback
+        if dist.is_main:
+            print(f"\ninterrupted; no report was half-written (each is written whole, summary.json last): run the "
+                  f"same command again to evaluate {args.run_dir}", file=sys.stderr)
+        return 130
     finally:
         teardown(dist)
     if dist.is_main:

@@ -76,6 +76,9 @@ def main(argv=None) -> int:
     except ValueError as err:  # PredictError, ExplainError, RunFolderError, CheckpointError, CacheError, GalleryError
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the PNG is written last, whole; say so rather than print a traceback
+        print(f"\ninterrupted; nothing was written ({args.out} is written whole, at the end)", file=sys.stderr)
+        return 130
     print(f"explained {len(explanation.cells)} cells with {predictor.config.model} {args.checkpoint} (epoch "
           f"{predictor.epoch}, {predictor.size} px): {args.method} on {explanation.layer}, a "
           f"{explanation.feature_hw[0]}x{explanation.feature_hw[1]} feature map")

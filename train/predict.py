@@ -106,6 +106,10 @@ def main(argv=None) -> int:
     except ValueError as err:  # PredictError, SourceError, CheckpointError, CacheError; a size not in the record
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the CSVs are written whole at the end, so none exists yet; not a traceback
+        print(f"\ninterrupted; nothing was written ({args.out} and its companions are written only when every image "
+              f"is predicted)", file=sys.stderr)
+        return 130
     _report(predictor, table, patients, skipped, args.tta, predictor.checkpoint,
             {"patients": patients_path, "skipped": skipped_path})
     print(args.out.resolve())

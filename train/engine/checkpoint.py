@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from models import load_error_reason
+
 # The checkpoint format, saved as `version` and read back by `load`, which refuses a version it does not know.
 # 1: best.pt alone holds the stage's best weights. 2: last.pt carries them too (`best_model`, None when they are the
 # epoch's own), so resume needs last.pt only. A checkpoint without `version` is read as version 1.
@@ -63,7 +65,7 @@ def load(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # several exception types for unsafe or damaged files
-        raise CheckpointError(f"{path}: cannot be loaded safely ({type(err).__name__}: {err})") from err
+        raise CheckpointError(f"{path}: cannot be loaded safely ({load_error_reason(err)})") from err
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a checkpoint of python -m train.run (it holds a {type(state).__name__})")
     check_version(state, path)

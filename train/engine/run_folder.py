@@ -114,6 +114,26 @@ def reports_dir(run_dir: Path, checkpoint: str) -> Path:
     return run_dir if checkpoint == BEST else run_dir / f"{EVAL_PREFIX}{Path(checkpoint).stem}"
 
 
+def reports_owner(path: Path) -> Path | None:
+    """The run folder whose `eval-<stem>/` reports folder `path` is (`reports_dir` of a checkpoint other than
+    best.pt), or None: the folder train.evaluate printed last is easily taken for a run folder."""
+    path = Path(path)
+    owner = path.parent
+    return owner if path.name.startswith(EVAL_PREFIX) and (owner / CONFIG).is_file() else None
+
+
+def reports_owner_hint(path: Path, checkpoint_flag: bool = True) -> str:
+    """What to pass instead of a reports folder `path` (see `reports_owner`), for a command with a --checkpoint flag
+    or (`checkpoint_flag` False) without one; empty when it is none."""
+    owner = reports_owner(path)
+    if owner is None:
+        return ""
+    checkpoint = Path(path).name.removeprefix(EVAL_PREFIX) + ".pt"
+    flag = f" with --checkpoint {checkpoint}" if checkpoint_flag else ""
+    return (f"{path} holds the reports of {checkpoint} of the run folder {owner} (made by python -m train.evaluate "
+            f"--checkpoint {checkpoint}), not a run folder: pass {owner}{flag}")
+
+
 def fold_dir(cv_dir: Path, index: int) -> Path:
     """The run folder of fold `index` (0-based) of a cross-validation folder."""
     return Path(cv_dir) / f"fold-{index}"
@@ -138,6 +158,8 @@ def read_config(run_dir: Path) -> tuple[TrainConfig, dict]:
         if is_cv_folder(run_dir):
             raise RunFolderError(f"{run_dir} is a cross-validation folder (train.cv); pass one of its runs, e.g. "
                                  f"{fold_dir(run_dir, 0)}")
+        if reports_owner(run_dir) is not None:
+            raise RunFolderError(reports_owner_hint(run_dir))
         if folder.last.is_file():
             raise RunFolderError(f"{run_dir}: no {CONFIG}, though it holds {LAST}: the run's settings file is gone "
                                  f"and the checkpoint alone cannot be evaluated or resumed; restore {CONFIG} from a "

@@ -6,6 +6,7 @@ and one curve: the folds' mean valid accuracy per epoch."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -83,6 +84,11 @@ def compare(run_dirs: list[Path], out: Path, overwrite: bool = False) -> str:
     rows, curves = [], []
     for run in run_dirs:
         run = Path(run)
+        if not run.is_dir():
+            raise FileNotFoundError(f"{run}: {'not a folder' if os.path.lexists(run) else 'no such folder'}; pass "
+                                    f"run folders (train.run) or cross-validation folders (train.cv)")
+        if rf.reports_owner(run) is not None:  # train.evaluate's eval-<stem>/: its summary is not a run's
+            raise FileNotFoundError(rf.reports_owner_hint(run, checkpoint_flag=False))
         if (run / rf.CV_SUMMARY).is_file():
             row, curve = _cv_row(run)
             rows.append(row)

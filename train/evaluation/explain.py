@@ -182,8 +182,8 @@ def explain_images(predictor: Predictor, inputs, n: int, method: str, batch_size
     """The images named by `inputs` (files, folders, source layouts: `predictor.gather`), explained: all of them in
     the order given when there are at most `n`, else the `n` most useful (`picks.useful_cells`; labels where a
     source layout gave them). A bad image stops it with the predictor's PredictError naming the file."""
-    entries, _ = gather(inputs, "fail")
-    kept, probs_all, _ = predict_images(predictor, entries, batch_size or predictor.batch_size, False, "fail", progress)
+    entries, _ = gather(inputs, None)  # None: stop at a bad image without suggesting --on-error, which explain lacks
+    kept, probs_all, _ = predict_images(predictor, entries, batch_size or predictor.batch_size, False, None, progress)
     labels = np.array([e.label for e in kept], np.int64)
     if len(kept) <= n:
         chosen = [picks.Pick(i, picks.GIVEN) for i in range(len(kept))]

@@ -192,9 +192,10 @@ def _entry(file: Path, patient: str | None = None, label: int = UNKNOWN_LABEL) -
     return Entry(os.fspath(file), csv_path(file), patient_of(file.name) if patient is None else patient, label)
 
 
-def gather(inputs, on_error: str = "fail") -> tuple[list[Entry], list[dict]]:
+def gather(inputs, on_error: str | None = "fail") -> tuple[list[Entry], list[dict]]:
     """The images named by `inputs` (files, folders, source layouts), in order, each once; and the images a source
-    layout's lists left out (`on_error="skip"`) as {path, reason}. A SourceError for a bad list row with "fail"."""
+    layout's lists left out (`on_error="skip"`) as {path, reason}. A SourceError for a bad list row with "fail" (or
+    None: the same for a command with no --on-error flag, whose messages must not suggest one)."""
     entries, skipped, seen = [], [], set()
     for given in map(Path, inputs):
         if not os.path.lexists(given):
@@ -224,7 +225,7 @@ def gather(inputs, on_error: str = "fail") -> tuple[list[Entry], list[dict]]:
 
 
 def predict_images(predictor: Predictor, entries: list[Entry], batch_size: int, tta: bool = False,
-                   on_error: str = "fail", progress="off", jobs: int = -1,
+                   on_error: str | None = "fail", progress="off", jobs: int = -1,
                    window: int | None = None) -> tuple[list[Entry], np.ndarray, list[dict]]:
     """(entries predicted, their probabilities of `all` (N,) float64, {path, reason} of the images left out).
 
@@ -232,7 +233,8 @@ def predict_images(predictor: Predictor, entries: list[Entry], batch_size: int, 
     `window` images - by default as many as fit the build's result budget, at most 512 - while the model runs on
     the batches already made; so at most one window of stored images plus one batch is in memory, whatever the
     number of images. Every batch, the last one too, has `batch_size` images (`_forward` pads it), at most one
-    window's. A bad image stops everything (PredictError naming it) with on_error "fail", or is left out."""
+    window's. A bad image stops everything (PredictError naming it) with on_error "fail" (None: the same, without
+    suggesting --on-error skip, for a command that has no such flag), or is left out with "skip"."""
     task_bytes = predictor.stored_size ** 2 * 3
     default_window, workers = parallel.window_for(task_bytes, parallel.workers(jobs))
     window = window or default_window
@@ -246,9 +248,10 @@ def predict_images(predictor: Predictor, entries: list[Entry], batch_size: int, 
     try:
         for entry, (ok, value) in zip(entries, outputs):
             if not ok:
-                if on_error == "fail":
-                    raise PredictError(f"{entry.path}: {value}. Fix or remove the file, or pass --on-error skip to "
-                                       f"leave it out; nothing was written")
+                if on_error != "skip":
+                    skip = ", or pass --on-error skip to leave it out" if on_error == "fail" else \
+                        ", or leave it out of the INPUTs"
+                    raise PredictError(f"{entry.path}: {value}. Fix or remove the file{skip}; nothing was written")
                 log.warning("skipping %s: %s", entry.path, value)
                 skipped.append({"path": entry.path, "reason": value})
                 bar.update()

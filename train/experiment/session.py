@@ -10,9 +10,9 @@ from datetime import datetime
 from pathlib import Path
 
 
-from models import MODEL_NAMES, STEMS, ModelError
+from models import MODEL_NAMES, STEMS, ModelError, build_model
 from pipeline.progress import add_progress_flags, bars
-from pipeline.store import MANIFEST, CacheError, read_manifest
+from pipeline.store import MANIFEST, CacheError, read_manifest, rebuild_command
 from train.engine import checkpoint as ckpt
 from train.engine import options
 from train.engine import run_folder as rf
@@ -276,9 +276,13 @@ def resolve_config(args, saved: bool = False) -> tuple[TrainConfig, bool]:
         stages = (Stage(max(int(s) for s in manifest["sizes"]), args.epochs, args.batch_size),)
     missing = [s.size for s in stages if str(s.size) not in manifest["sizes"]]
     if missing:
-        raise RunError(f"cache {cache} has sizes {sorted(int(s) for s in manifest['sizes'])}, not {missing}; add them "
-                       f"with python -m pipeline.build --sizes {' '.join(map(str, missing))} --source "
-                       f"{manifest['source']['root']}")
+        # the cache's own root and parameters: the default --cache-dir would build a second cache elsewhere (a build
+        # keeps the sizes a cache has, so naming the missing ones is enough)
+        raise RunError(f"cache {cache} has sizes {sorted(int(s) for s in manifest['sizes'])}, not {missing}; add "
+                       f"them with {rebuild_command(cache, manifest, missing)}")
+    if args.pretrained is not None and not saved:
+        # loaded once here, before a run folder is made: a bad file is a named error, not a failed run folder
+        build_model(args.model, stem=args.stem, pretrained=args.pretrained)
     config = TrainConfig(model=args.model, cache_dir=str(Path(cache).resolve()), cache_key=manifest["key"],
                          stages=stages, seed=args.seed, device=device,
                          amp=device.startswith("cuda") if args.amp is None else args.amp,
