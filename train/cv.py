@@ -24,7 +24,8 @@ from pipeline.store import write_json_atomic
 from train.data.folds import FoldError
 from train.engine.distributed import broadcast_object, setup, teardown
 from train.experiment.crossval import PLAN, SUMMARY, build_parser, open_plan, run_fold, summarise, table
-from train.experiment.session import USER_ERRORS, new_run_dir
+from train.engine.run_folder import new_run_dir
+from train.experiment.session import USER_ERRORS
 
 
 def main(argv=None) -> int:

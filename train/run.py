@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from train.engine.distributed import Dist, broadcast_object, setup, teardown
-from train.engine.run_folder import RunFolder
+from train.engine.run_folder import RunFolder, new_run_dir
 from train.evaluation.report import result_line
-from train.experiment.session import (USER_ERRORS, check_cpu_recipe, check_resume, new_run_dir, parse_args,
+from train.experiment.session import (USER_ERRORS, check_cpu_recipe, check_resume, parse_args,
                                       resolve_config, train_and_evaluate)
 
 

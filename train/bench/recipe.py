@@ -50,7 +50,8 @@ from train.engine.optim import build_optimizer
 from train.engine.options import RECIPE_NAMES
 from train.engine.trainer import Trainer
 from train.evaluation.evaluator import evaluate_run
-from train.experiment.session import new_run_dir, parse_args, resolve_config
+from train.engine.run_folder import new_run_dir
+from train.experiment.session import parse_args, resolve_config
 
 log = logging.getLogger(__name__)
 WARMUP_STEPS = 2  # before the report-fed pass

@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import os
+from datetime import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +133,24 @@ def reports_owner_hint(path: Path, checkpoint_flag: bool = True) -> str:
     flag = f" with --checkpoint {checkpoint}" if checkpoint_flag else ""
     return (f"{path} holds the reports of {checkpoint} of the run folder {owner} (made by python -m train.evaluate "
             f"--checkpoint {checkpoint}), not a run folder: pass {owner}{flag}")
+
+
+def new_run_dir(out: Path, model: str) -> Path:
+    """runs/<model>-<timestamp>; never an existing folder."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for n in range(1000):
+            path = out / (f"{model}-{stamp}" + (f"-{n}" if n else ""))
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as err:  # read-only, full, a file in the way, no permission
+        raise RunFolderError(f"cannot make a run folder under {out} ({err.strerror or err}); pass --out a writable "
+                       f"folder") from err
+    raise RunFolderError(f"could not make a new run folder under {out}")
 
 
 def fold_dir(cv_dir: Path, index: int) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from datetime import datetime
 from pathlib import Path
 
 
@@ -293,24 +292,6 @@ def resolve_config(args, saved: bool = False) -> tuple[TrainConfig, bool]:
                          stem=args.stem, pretrained=str(args.pretrained) if args.pretrained else None, **training,
                          saved=saved)
     return config, not (args.stages or args.epochs is not None)
-
-
-def new_run_dir(out: Path, model: str) -> Path:
-    """runs/<model>-<timestamp>; never an existing folder."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for n in range(1000):
-            path = out / (f"{model}-{stamp}" + (f"-{n}" if n else ""))
-            try:
-                path.mkdir()
-                return path
-            except FileExistsError:
-                continue
-    except OSError as err:  # read-only, full, a file in the way, no permission
-        raise RunError(f"cannot make a run folder under {out} ({err.strerror or err}); pass --out a writable "
-                       f"folder") from err
-    raise RunError(f"could not make a new run folder under {out}")
 
 
 def check_cpu_recipe(config: TrainConfig) -> None:
