@@ -447,3 +447,15 @@ def test_batch_size_given_with_a_preset_sets_every_stage(cache, tmp_path, monkey
     assert preset and [(s.size, s.epochs, s.batch_size) for s in given.stages] == [(16, 2, 8), (24, 1, 8)]
     default, _ = session.resolve_config(session.parse_args(["resnet18", *common_flags]))
     assert [s.batch_size for s in default.stages] == [64, 32]  # the preset's own, when --batch-size is not typed
+
+
+def test_a_linked_cache_under_the_cache_root_is_not_chosen(cache, tmp_path, caplog):
+    """As `pipeline.cache list` and `prune`: a key-named link in the cache root is not one of its caches."""
+    from train.experiment import session
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / cache.name).symlink_to(cache)
+    with caplog.at_level("WARNING"), pytest.raises(session.RunError, match="no cache under"):
+        session.find_cache(root, [16])
+    assert "a symbolic link, not a cache folder" in caplog.text and f"--cache {root / cache.name}" in caplog.text
+    assert session.find_cache(cache.parent, [16]) == cache  # the cache itself is found where it is

@@ -49,6 +49,10 @@ def find_cache(cache_root: Path, sizes: list[int] | None) -> Path:
     """The newest complete, usable cache under `cache_root` holding every size in `sizes` (any, if None)."""
     candidates = []
     for manifest in cache_root.glob(f"*/{MANIFEST}"):
+        if manifest.parent.is_symlink():  # as pipeline.cache list/prune: a link is not a cache folder of this root
+            log.warning("not choosing %s: a symbolic link, not a cache folder; pass --cache %s to use what it links "
+                        "to", manifest.parent, manifest.parent)
+            continue
         try:
             m = read_manifest(manifest.parent)
             reason = unusable_reason(m)
