@@ -35,6 +35,7 @@ LAST = "last.pt"
 METRICS = "metrics.csv"
 SUMMARY = "summary.json"
 CURVES = "curves.png"
+TENSORBOARD = "tensorboard"  # the event files of `--tensorboard` (train.engine.tensorboard writes them)
 # a cross-validation folder (train.cv): its plan marks it, its summary ends it; its runs are fold-0, fold-1, ...
 # the reports of a checkpoint other than best.pt (`train.evaluate --checkpoint last.pt`): eval-last/ in the run folder
 EVAL_PREFIX = "eval-"

@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 from train.augment import GpuAugment
+from train.engine import run_folder as rf
 
 log = logging.getLogger(__name__)
-FOLDER = "tensorboard"  # inside the run folder
+FOLDER = rf.TENSORBOARD  # inside the run folder
 INSTALL = "pip install -e '.[tb]' (or pip install tensorboard)"
 VIEWS = 16  # training views shown per stage: 2 rows of 8
 FINAL_PREFIX = "final/"
