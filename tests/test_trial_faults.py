@@ -191,3 +191,13 @@ def test_a_bad_pretrained_file_is_named_before_a_run_folder_is_made(cache, tmp_p
 def test_cache_verify_takes_a_key_as_rm_does(cache, capsys):
     assert cache_main(["verify", cache.name, "--cache-dir", str(cache.parent)]) == 0
     assert f"ok: every shard of {cache}" in capsys.readouterr().out
+
+
+def test_a_predictions_file_that_cannot_be_put_in_place_takes_its_companions_back(tmp_path):
+    import pandas as pd
+    from train.evaluation.predictor import PredictError, write_outputs
+    table = pd.DataFrame({"patient": ["H1"], "cells": [1]})
+    (tmp_path / "p.csv").mkdir()  # appeared while predicting: the predictions CSV cannot go there
+    with pytest.raises(PredictError, match="appeared while predicting"):
+        write_outputs([(tmp_path / "p_patients.csv", table), (tmp_path / "p.csv", table)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"]  # no companion left, no temporary file

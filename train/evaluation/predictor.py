@@ -342,8 +342,9 @@ def patient_table(entries: list[Entry], probs_all: np.ndarray) -> pd.DataFrame:
 
 def write_outputs(files: list[tuple[Path, pd.DataFrame]]) -> None:
     """Each table to `<name>.tmp`, then each renamed into place in the order given (the predictions CSV last, so
-    its presence means the others are there); nothing half-written is left behind."""
-    tmps = []
+    its presence means the others are there); nothing half-written is left behind, and when a later file cannot be
+    put in place the ones this call already put there are taken back (a rerun with the same --out then works)."""
+    tmps, placed = [], []
     try:
         for path, table in files:
             tmps.append(path.with_name(path.name + ".tmp"))
@@ -352,9 +353,13 @@ def write_outputs(files: list[tuple[Path, pd.DataFrame]]) -> None:
             if os.path.lexists(path):  # made by something else while we predicted: still not ours to replace
                 raise PredictError(f"{path} appeared while predicting and was left as it is; pass another --out")
             os.replace(tmp, path)
+            placed.append(path)
+        placed = []  # all in place: nothing to take back
     except OSError as err:
         raise PredictError(f"cannot write {err.filename}: {err.strerror}; pass --out in a writable folder with "
                            f"free space") from None
     finally:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
+        for path in placed:  # a failure after some were renamed: these are this call's, never an earlier file
+            path.unlink(missing_ok=True)
