@@ -133,7 +133,8 @@ def test_the_packed_first_pass_stops_at_each_samples_contrast():
     orders = torch.tensor(list(itertools.permutations(range(4))))
     p = aug.sample(len(orders), torch.Generator().manual_seed(1))
     p = AugParams(p.hflip, p.vflip, p.angle_deg, p.brightness, p.contrast, p.saturation, p.hue, orders)
-    packed = torch_backend.pack_params(p, aug.size, aug.stored_size)
+    packed = torch_backend.pack_params(p, aug.size, aug.stored_size, first_pass=True)
+    assert torch.equal(packed[:, :torch_backend.PACKED_COLUMNS], torch_backend.pack_params(p, aug.size, aug.stored_size))
     first = packed[:, torch_backend.BEFORE_CONTRAST_COLUMNS].view(-1, 6, 2)
     blend = packed[:, torch_backend.BLEND_COLUMNS].view(-1, 6, 3)
     hue_first = packed[:, torch_backend.HUE_BEFORE_CONTRAST_COLUMN]

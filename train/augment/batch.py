@@ -184,21 +184,21 @@ class GpuAugment(nn.Module):
             raise ValueError(f"expected stored images of {self.stored_size} px, got {tuple(images.shape[-2:])}")
         if len(params) != images.shape[0]:
             raise ValueError(f"{len(params)} parameter sets for {images.shape[0]} images")
-        if self.backend_for(images.device) == "opencv":
+        backend = self.backend_for(images.device)
+        if backend == "opencv":
             if images.device.type != "cpu":
                 raise ValueError(f"backend 'opencv' takes CPU tensors, got a batch on {images.device}; use "
                                  f"backend='torch' or 'auto'")
             return self._apply_opencv(images, params).to(self.out_dtype)
-        if self.backend_for(images.device) == "triton":
-            if not triton_backend.available(images.device):
-                raise ValueError(f"backend 'triton' runs on CUDA tensors (with the triton package), got a batch on "
-                                 f"{images.device}; use backend='auto'")
-            packed = torch_backend.to_device(torch_backend.pack_params(params, self.size, self.stored_size),
-                                             images.device)
+        if backend == "triton" and not triton_backend.available(images.device):
+            raise ValueError(f"backend 'triton' runs on CUDA tensors (with the triton package), got a batch on "
+                             f"{images.device}; use backend='auto'")
+        packed = torch_backend.to_device(
+            torch_backend.pack_params(params, self.size, self.stored_size, first_pass=backend == "triton"),
+            images.device)
+        if backend == "triton":
             return triton_backend.apply_packed(images, packed, self.size, self.scale, self.shift, self.gray_weights,
                                                self.out_dtype)
-        packed = torch_backend.to_device(torch_backend.pack_params(params, self.size, self.stored_size),
-                                         images.device)
         return self._torch_apply(images, packed, self.size, self.scale, self.shift, self.gray_weights,
                                  self.out_dtype)
 

@@ -7,10 +7,10 @@ ops after it into the three slots after H (left-aligned), and the slots a sample
 blend (a=1, b=c=0, exact on [0, 1] values). Hue runs once over the batch, the per-sample order lives in the numbers
 only, and there is no gather, no scatter, no `nonzero` and nothing whose shape depends on values.
 
-The host turns each sample's parameters into 38 float32 numbers (`pack_params`): flip + rotation + centre crop as a
+The host turns each sample's parameters into 25 float32 numbers (`pack_params`): flip + rotation + centre crop as a
 2x3 matrix from output to input in normalised coordinates (closed form, no inverse), the six slots' blend
-coefficients and the hue shift, and for the Triton backend's first pass the coefficients of the ops before the
-sample's contrast. They reach the device in one non_blocking copy from pinned memory (`to_device`).
+coefficients and the hue shift; for the Triton backend 13 more (`first_pass=True`): the coefficients of the ops
+before the sample's contrast. They reach the device in one non_blocking copy from pinned memory (`to_device`).
 
 Measured on the 2-core dev machine (CPU tensors, `TorchDispatchMode`, README): the former path ran 743 aten ops per
 batch with 16 `nonzero` calls; this one a fixed count (a test counts the aten ops under TorchDispatchMode), the same for any batch size.
@@ -33,16 +33,18 @@ HUE_COLUMN = 6 + 3 * LINEAR_SLOTS
 # before its contrast. This backend computes the mean in the contrast's own slot instead.
 BEFORE_CONTRAST_COLUMNS = slice(HUE_COLUMN + 1, HUE_COLUMN + 1 + 2 * LINEAR_SLOTS)
 HUE_BEFORE_CONTRAST_COLUMN = BEFORE_CONTRAST_COLUMNS.stop
-PACKED_COLUMNS = HUE_BEFORE_CONTRAST_COLUMN + 1
+PACKED_COLUMNS = HUE_COLUMN + 1  # the table this backend reads
+FIRST_PASS_COLUMNS = HUE_BEFORE_CONTRAST_COLUMN + 1  # with the first pass's columns (the Triton backend's table)
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # torchvision's ColorJitter op numbers
 # Step of the order that each linear slot takes, relative to the sample's hue step k: k-3, k-2, k-1 | k+1, k+2, k+3
 _SLOT_OFFSETS = (-3, -2, -1, 1, 2, 3)
 
 
-def pack_params(params, size: int, stored_size: int) -> torch.Tensor:
+def pack_params(params, size: int, stored_size: int, first_pass: bool = False) -> torch.Tensor:
     """(n, PACKED_COLUMNS) float32 on the CPU: what the device needs of `params` (AugParams), computed on the host
-    in float64.
+    in float64; with `first_pass`, (n, FIRST_PASS_COLUMNS): the Triton backend's first-pass columns too (host work
+    per batch that this backend does not need).
 
     Warp: output pixel p and stored pixel q, pixel centres at integers, c_o = (size-1)/2, c_s = (stored-1)/2:
     q - c_s = F R^-1 (p - c_o), with F = diag(fx, fy) the flips and R^-1 = [[cos, -sin], [sin, cos]] (torchvision's
@@ -70,6 +72,8 @@ def pack_params(params, size: int, stored_size: int) -> torch.Tensor:
     c = torch.where(used & (op == SATURATION), 1 - f, 0.0)
     blend = torch.stack([a, b, c], 2).view(n, 3 * LINEAR_SLOTS)  # slot-major: a0 b0 c0 a1 b1 c1 ...
     hue_rad = factors[:, HUE:] * (2 * math.pi)
+    if not first_pass:
+        return torch.cat([warp, blend, hue_rad], 1).float()
     contrast_step = (order == CONTRAST).int().argmax(1, keepdim=True)  # (n, 1)
     before = used & (step < contrast_step)  # the slots of the ops before the sample's contrast
     first_pass = torch.stack([torch.where(before, a, 1.0), torch.where(before, c, 0.0)], 2).view(n, 2 * LINEAR_SLOTS)

@@ -42,14 +42,21 @@ except ImportError:  # pragma: no cover (the dev machine has it)
     triton = None
 
 if triton is not None:
-    # Triton decides when a kernel is decorated whether it runs compiled or interpreted (TRITON_INTERPRET=1):
-    # the tests reload this module with the variable set to run the kernels on the CPU.
+    # Triton decides when it is imported whether kernels run compiled or interpreted (TRITON_INTERPRET=1): the tests
+    # run the kernels on the CPU in a child pytest started with the variable set.
     TWO_PI: tl.constexpr = tl.constexpr(2 * math.pi)
 
     @triton.jit
-    def warp(img_ptr, b, pix, mask, size, stored, sb, sc, sh, sw, t00, t01, t02, t10, t11, t12):
+    def warp(img_ptr, b, pix, mask, size, stored, sb, sc, sh, sw, row):
         """Bilinear sample (zeros outside) of the stored uint8 image at each output pixel's source point, as
-        affine_grid + grid_sampler_2d with align_corners=True; (r, g, b) in [0, 1]."""
+        affine_grid + grid_sampler_2d with align_corners=True, by the 2x3 matrix at the start of the sample's packed
+        `row`; (r, g, b) in [0, 1]."""
+        t00 = tl.load(row + 0)
+        t01 = tl.load(row + 1)
+        t02 = tl.load(row + 2)
+        t10 = tl.load(row + 3)
+        t11 = tl.load(row + 4)
+        t12 = tl.load(row + 5)
         oy = (pix // size).to(tl.float32)
         ox = (pix % size).to(tl.float32)
         step = 2.0 / (size - 1)
@@ -144,8 +151,7 @@ if triton is not None:
         pix = blk * BLOCK + tl.arange(0, BLOCK)
         mask = pix < size * size
         row = packed_ptr + b * COLUMNS
-        r, g, bl = warp(img_ptr, b, pix, mask, size, stored, sb, sc, sh, sw, tl.load(row + 0), tl.load(row + 1),
-                        tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), tl.load(row + 5))
+        r, g, bl = warp(img_ptr, b, pix, mask, size, stored, sb, sc, sh, sw, row)
         shift = tl.load(row + HUE_COL)
         hue_first = tl.load(row + HUE_FIRST_COL) > 0.5
         for slot in tl.static_range(6):
@@ -168,8 +174,7 @@ if triton is not None:
         pix = blk * BLOCK + tl.arange(0, BLOCK)
         mask = pix < size * size
         row = packed_ptr + b * COLUMNS
-        r, g, bl = warp(img_ptr, b, pix, mask, size, stored, sb, sc, sh, sw, tl.load(row + 0), tl.load(row + 1),
-                        tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), tl.load(row + 5))
+        r, g, bl = warp(img_ptr, b, pix, mask, size, stored, sb, sc, sh, sw, row)
         mean_gray = tl.load(mean_ptr + b)
         for slot in tl.static_range(6):
             if slot == 3:
@@ -196,13 +201,13 @@ def apply_packed(images: torch.Tensor, packed: torch.Tensor, size: int, scale: t
     strides = images.stride()
     partial = torch.empty((n, blocks), dtype=torch.float32, device=images.device)
     mean_kernel[(n, blocks)](images, packed, partial, size, stored, *strides, w0, w1, w2, blocks,
-                             COLUMNS=tb.PACKED_COLUMNS, HUE_COL=tb.HUE_COLUMN,
+                             COLUMNS=tb.FIRST_PASS_COLUMNS, HUE_COL=tb.HUE_COLUMN,
                              FIRST_COL=tb.BEFORE_CONTRAST_COLUMNS.start, HUE_FIRST_COL=tb.HUE_BEFORE_CONTRAST_COLUMN,
                              BLOCK=BLOCK_PIXELS)
     mean_gray = partial.sum(1) / (size * size)  # (n,): a fixed order of sums, no atomics
     out = torch.empty((n, 3, size, size), dtype=out_dtype, device=images.device,
                       memory_format=torch.channels_last)
     chain_kernel[(n, blocks)](images, packed, mean_gray, shift.reshape(3), scale.reshape(3), out, size, stored,
-                              *strides, *out.stride(), w0, w1, w2, COLUMNS=tb.PACKED_COLUMNS,
+                              *strides, *out.stride(), w0, w1, w2, COLUMNS=tb.FIRST_PASS_COLUMNS,
                               BLEND_COL=tb.BLEND_COLUMNS.start, HUE_COL=tb.HUE_COLUMN, BLOCK=BLOCK_PIXELS)
     return out
