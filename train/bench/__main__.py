@@ -127,6 +127,17 @@ def _cuda_missing(device: str) -> bool:
     return True
 
 
+def _part_reporter(label: str, key: str, json_path: Path | None):
+    """The callback a benchmark made of parts calls after each: one line on stderr for the part that ended, and
+    `json_path` rewritten with what is done, so a run stopped by a time limit keeps the parts it finished."""
+    def report(partial: dict) -> None:
+        name, part = list(partial[key].items())[-1]
+        print(f"{label}: {name} {part['status']} in {part['seconds']} s", file=sys.stderr, flush=True)
+        if json_path:
+            json_path.write_text(json.dumps(partial, indent=2) + "\n")
+    return report
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -157,17 +168,12 @@ def main(argv=None) -> int:
         if _cuda_missing(args.device):
             return 2
 
-        def on_part(partial: dict) -> None:
-            name, part = list(partial["parts"].items())[-1]
-            print(f"recipe: {name} {part['status']} in {part['seconds']} s", file=sys.stderr, flush=True)
-            if args.json:  # a run stopped by a time limit keeps the parts it finished
-                args.json.write_text(json.dumps(partial, indent=2) + "\n")
-
         try:
             result = bench_recipe.run(model=args.model, epochs=args.epochs, device=args.device, quick=args.quick,
                                       work_dir=args.work_dir, scale=args.scale, compile_=args.compile,
                                       recipe=args.recipe, report_images=args.report_images,
-                                      progress=args.progress, on_part=on_part)
+                                      progress=args.progress,
+                                      on_part=_part_reporter("recipe", "parts", args.json))
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -189,14 +195,9 @@ def main(argv=None) -> int:
         from train.bench import gpu as bench_gpu
         if _cuda_missing(args.device):
             return 2
-        def on_stage(partial: dict) -> None:
-            name, stage = list(partial["stages"].items())[-1]
-            print(f"gpu check: {name} {stage['status']} in {stage['seconds']} s", file=sys.stderr, flush=True)
-            if args.json:  # a check stopped by a time limit keeps the parts it finished
-                args.json.write_text(json.dumps(partial, indent=2) + "\n")
-
         result = bench_gpu.run(device=args.device, quick=args.quick, work_dir=args.work_dir,
-                               progress=args.progress, on_stage=on_stage, parts=args.part)
+                               progress=args.progress,
+                               on_stage=_part_reporter("gpu check", "stages", args.json), parts=args.part)
         print(bench_gpu.report(result))
         code = 0 if result["ok"] else 1
     if args.json:
