@@ -76,10 +76,6 @@ def _previous(folder: rf.RunFolder, identity: tuple) -> tuple[dict | None, tuple
     return None, splits, bool(tta)
 
 
-def _mistakes(loader, probs_all, labels, path: Path, heading: str) -> None:
-    write_mistakes(loader, probs_all, labels, path, heading)  # its return value (the rows shown) is not needed here
-
-
 def _check_writable(folder: Path) -> None:
     existing = folder if folder.is_dir() else folder.parent
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -175,7 +171,7 @@ def evaluate_run(run_dir: Path, splits=DEFAULT_SPLITS, device: str | None = None
             title = f"{config.model} {name} - {split} ({len(labels)} images, acc {report['accuracy']:.4f})"
             files.append((folder.confusion(split), partial(plot_confusion, report["confusion"], title)))
             heading = f"{config.model} {name} (epoch {state['epoch'] + 1}, {stage.size} px), {split}"
-            files.append((folder.mistakes(split), partial(_mistakes, loader, probs[:, all_index], labels,
+            files.append((folder.mistakes(split), partial(write_mistakes, loader, probs[:, all_index], labels,
                                                           heading=heading)))
     summary = {}
     if dist.is_main:
