@@ -25,8 +25,8 @@ class EpochTimer:
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
-        self._marks: list[list] = []  # per step: [data start, batch ready, augmentation queued]
-        self._spans: list[tuple] = []  # per step with add_step: (data start, data end, augment start, augment end)
+        self._pending: list = []  # the step being marked inline: [data start, batch ready]
+        self._spans: list[tuple] = []  # per step: (data start, data end, augment start, augment end)
         self._start = self.mark()
 
     def mark(self, stream: "torch.cuda.Stream | None" = None):
@@ -38,17 +38,20 @@ class EpochTimer:
         return event
 
     def data_start(self) -> None:
-        self._marks.append([self.mark()])
+        self._pending = [self.mark()]
 
     def batch_ready(self) -> None:
-        self._marks[-1].append(self.mark())
+        self._pending.append(self.mark())
 
     def augmented(self) -> None:
-        self._marks[-1].append(self.mark())
+        """The inline step's third mark: its data wait runs from the first, its augmentation from the second."""
+        (start, ready), end = self._pending, self.mark()
+        self.add_step((start, end), (ready, end))
+        self._pending = []
 
     def discard_step(self) -> None:
         """Drop the last step's marks (the loader had no batch left)."""
-        self._marks.pop()
+        self._pending = []
 
     def add_step(self, data: tuple, augment: tuple) -> None:
         """A step whose data wait and augmentation were marked apart ((start, end) marks each, from `mark`)."""
@@ -63,8 +66,8 @@ class EpochTimer:
         else:
             seconds = lambda a, b: b - a  # noqa: E731
         total = seconds(self._start, end)
-        data = sum(seconds(m[0], m[2]) for m in self._marks) + sum(seconds(s[0], s[1]) for s in self._spans)
-        augment = sum(seconds(m[1], m[2]) for m in self._marks) + sum(seconds(s[2], s[3]) for s in self._spans)
+        data = sum(seconds(s[0], s[1]) for s in self._spans)
+        augment = sum(seconds(s[2], s[3]) for s in self._spans)
         if total <= 0:
             return 0.0, 0.0
         return data / total, augment / total
