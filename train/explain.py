@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         else:
             explanation = explain_images(predictor, args.inputs, args.n, args.method, args.batch_size)
         draw_explanation(explanation, args.out)
-    except ValueError as err:  # PredictError, ExplainError, RunFolderError, CheckpointError, CacheError, GalleryError
+    except ValueError as err:  # PredictError, ExplainError, RunFolderError, CheckpointError, CacheError, FigureOutError
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the PNG is written last, whole; say so rather than print a traceback

@@ -7,7 +7,6 @@ the new one, never half of one; `replace=False` refuses to write over a file tha
 asked for is never lost to a second command)."""
 from __future__ import annotations
 
-import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ matplotlib.use("Agg")  # files only; no display is needed or assumed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from train.augment.figure_file import write_figure  # noqa: E402
 from train.evaluation.metrics import THRESHOLD  # noqa: E402
 from train.evaluation.picks import CLASS_NAMES  # noqa: E402
 
@@ -27,10 +27,6 @@ GAP_IN = 0.12  # between tiles
 TITLE_CHAR_IN = 0.075  # the width of an average character of the 9.5 pt title, with some room
 DPI = 100
 NAME_CHARS = 30  # a longer file name is shortened in the middle, keeping both ends
-
-
-class GalleryError(ValueError):
-    """The figure could not be written; the message names the file and what to do."""
 
 
 @dataclass(frozen=True)
@@ -113,16 +109,6 @@ def draw(tiles: list[Tile], title: str, out: Path, columns: int, replace: bool, 
 
 
 def write_png(fig, out: Path, replace: bool) -> None:
-    """`fig` to `<out>.tmp`, then renamed to `out`; with `replace=False` an `out` that exists by then is left as it
-    is (GalleryError) and the temporary file removed."""
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        fig.savefig(tmp, format="png")
-        if not replace and os.path.lexists(out):
-            raise GalleryError(f"{out} appeared while drawing and was left as it is; pass another --out")
-        os.replace(tmp, out)
-    except OSError as err:
-        raise GalleryError(f"cannot write {err.filename or out}: {err.strerror}; write the figure to a writable "
-                           f"folder with free space") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    """`fig` to a temporary file beside `out`, then renamed to `out` (figure_file.write_figure, the rule of every
+    figure command); with `replace=False` an `out` that exists is left as it is (FigureOutError)."""
+    write_figure(out, lambda tmp: fig.savefig(tmp, format="png"), overwrite=replace)
