@@ -11,8 +11,6 @@ from train.engine.options import RECIPES, sched_for_drops
 
 REPORT = RECIPES["report"]  # TrainConfig's defaults: a config.json written before recipes existed loads as `report`
 
-# The report's recipe per model: (size, epochs, batch size) stages. ResNet50/152: 550 epochs at 128 px, then the
-# best-valid weights continue at 224 px; ResNet18 at 224 px throughout; ResNet152 at 224 used batch 32 for memory.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
@@ -21,6 +19,8 @@ def compile_mode_options(mode: str) -> dict:
     return {} if mode == "default" else {"mode": mode}
 
 
+# The report's recipe per model: (size, epochs, batch size) stages. ResNet50/152: 550 epochs at 128 px, then the
+# best-valid weights continue at 224 px; ResNet18 at 224 px throughout; ResNet152 at 224 used batch 32 for memory.
 PRESETS = {
     "resnet18": ((224, 100, 64),),
     "resnet50": ((128, 550, 64), (224, 100, 64)),
