@@ -6,6 +6,7 @@ from dataclasses import InitVar, dataclass
 
 from models import MODEL_NAMES
 from train.augment.batch import BACKENDS
+from train.engine.ahead import ahead_default
 from train.engine import options
 from train.engine.options import RECIPES, sched_for_drops
 
@@ -122,6 +123,12 @@ class TrainConfig:
                 if value < 1:
                     raise ValueError(f"stage {stage.size}:{stage.epochs}:{stage.batch_size}: {name} must be >= 1, "
                                      f"got {value}")
+
+    @property
+    def ahead(self) -> bool:
+        """Whether batches are augmented one batch ahead: `augment_ahead`, or for None (a run saved before the flag,
+        or not given) the device's default."""
+        return ahead_default(self.device) if self.augment_ahead is None else self.augment_ahead
 
     @property
     def total_epochs(self) -> int:

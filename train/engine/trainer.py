@@ -29,7 +29,6 @@ from pipeline.store import CacheReader
 from train.engine import checkpoint as ckpt
 from train.engine import run_folder as rf
 from train.augment import GpuAugment
-from train.engine.ahead import ahead_default
 from train.engine.config import TrainConfig, compile_mode_options
 from train.engine.distributed import Dist
 from train.engine.ema import ModelEma
@@ -112,7 +111,6 @@ class Trainer:
         self.precision = Precision.for_device(self.device, self.config.amp)
         self.precision.cuda_graphs = self.config.compile and self.config.compile_mode == "reduce-overhead" and \
             self.device.type == "cuda"
-        self.ahead = ahead_default(self.device) if self.config.augment_ahead is None else self.config.augment_ahead
         self.writer = ckpt.AsyncWriter()
         torch.manual_seed(self.config.seed)  # the initial weights depend on the seed only
         self.net = build_model(self.config.model, stem=self.config.stem, pretrained=self.config.pretrained)
@@ -301,7 +299,7 @@ class Trainer:
                                     self.dist, generator, desc=f"epoch {epoch + 1}/{cfg.total_epochs} "
                                     f"{stage.size}px", progress=self.progress and self.dist.is_main,
                                     label_smoothing=cfg.label_smoothing, before_step=before_step, ema=self.ema,
-                                    ahead=self.ahead)
+                                    ahead=cfg.ahead)
             valid_loss, valid_acc = loss_and_acc(*predict_split(self.eval_model, valid_loader, augment, self.precision,
                                                           self.device, self.dist))
             self._check_finite(epoch, stage.size, lr, stats.loss, valid_loss, valid_acc)

@@ -177,8 +177,8 @@ def _setting_conflict(name: str, value, config: TrainConfig) -> str | None:
     """A run setting given on --resume (seed, stem, amp, compile, compile mode, augment ahead, pretrained,
     device), against the saved value."""
     kept, mine = getattr(config, name), value
-    if name == "augment_ahead" and kept is None:  # a run saved before the flag: it had the default
-        kept = ahead_default(config.device)
+    if name == "augment_ahead":  # a run saved before the flag had the device's default
+        kept = config.ahead
     if name == "device":
         try:
             mine = resolve_device(value)  # auto is the device it picks here
