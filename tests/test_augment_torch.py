@@ -1,38 +1,17 @@
 """The torch backend of GpuAugment: per-sample op order, no op that makes the host wait, op count, compile."""
 import itertools
-from collections import Counter
 
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.train_helpers import FORBIDDEN, RecordOps
 from train.augment import torch_backend
 from train.augment import AugParams, GpuAugment
 
-TV_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
-# Ops that make the host wait for the device, or whose output shape depends on values, or a (checked) inverse.
-FORBIDDEN = {"nonzero", "masked_select", "_local_scalar_dense", "item", "unique", "_unique", "_unique2",
-             "unique_dim", "unique_consecutive", "is_nonzero", "equal", "inverse", "linalg_inv", "linalg_inv_ex",
-             "_linalg_check_errors", "linalg_solve", "linalg_solve_ex", "_assert_async", "nonzero_static"}
 OP_BUDGET = 450  # aten ops per batch (issue 8); measured: 204 (README)
 
-
-class RecordOps(TorchDispatchMode):
-    """Every aten op run inside, with the dtypes of its tensor outputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter = Counter()
-        self.output_dtypes: set = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops[func.overloadpacket.__name__] += 1
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.output_dtypes.add(t.dtype)
-        return out
+TV_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 
 
 def _augment(size=24, stored=32, **kw):

@@ -217,7 +217,10 @@ def test_gpu_check_cli_quick_on_cpu_end_to_end(tmp_path, capsys):
     assert code == 0 and result["ok"], {k: s.get("error") or [r.get("error") for r in s.get("rows", [])]
                                         for k, s in result["stages"].items()}
     assert list(result["stages"]) == ["tests", "augmentation", "cache", "loader", "training", "demo",
-                                      "compile-modes", "consistency"]
+                                      "compile-modes", "consistency", "kernels"]
+    kernels = {r["form"]: r for r in result["stages"]["kernels"]["rows"]}
+    assert kernels["planes"]["inductor_kernels"] < kernels["stacked"]["inductor_kernels"], kernels
+    assert "skipped" in kernels["triton"] and len(result["stages"]["kernels"]["triton_compiled"]) == 4
     demo = result["stages"]["demo"]
     assert demo["run_returncode"] == 0 and [r["epoch"] for r in demo["rows"]] == [1]
     assert demo["summary"]["epochs"] == 1 and demo["summary"]["best_valid_acc"] is not None
@@ -234,6 +237,7 @@ def test_gpu_check_cli_quick_on_cpu_end_to_end(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "### Demo run" in captured.out and "| 1 | 64 |" in captured.out
     assert "augment_ahead false" in captured.out and "### Consistency" in captured.out
+    assert "### Augmentation passes" in captured.out and "| chain_kernel | sm_90 |" in captured.out
     # one line per part as it ends (a check cut off by a time limit still shows how far it came)
     assert [line.split()[2] for line in captured.err.splitlines() if line.startswith("gpu check: ")] == \
         list(result["stages"])

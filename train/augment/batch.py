@@ -11,7 +11,8 @@ centre crop fold into one affine matrix per image and one bilinear warp for the 
 Parameters are drawn on the CPU (`sample`), so a seed means the same on every device, and `apply` replays them
 exactly with one of two backends, both held to the same parity test against the report's CPU path:
 - "torch" (the torch_backend module): batched torch/Kornia ops on any device, the same ops for every sample, no op
-  that makes the host wait; its device part compiles with fullgraph=True (`GpuAugment.compile`).
+  that makes the host wait. Compiled (`GpuAugment.compile`), it runs the same arithmetic on three colour planes
+  (the torch_planes module), which Inductor fuses into a handful of kernels instead of 19.
 - "opencv" (the opencv_backend module): per image on uint8 in a thread pool, for CPU tensors. On the 2-core dev
   machine it costs ~1 ms/img per thread at 224 px, several times less than the torch backend on the same CPU (README).
 - "triton" (the triton_backend module): the torch backend's arithmetic in two hand-written Triton kernels (CUDA), one
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from train.augment import torch_backend, triton_backend
+from train.augment import torch_backend, torch_planes, triton_backend
 from train.augment.opencv_backend import OpenCvBackend
 
 # 0=brightness, 1=contrast, 2=saturation, 3=hue, as in torchvision's ColorJitter.get_params
@@ -109,6 +110,7 @@ class GpuAugment(nn.Module):
         self.cpu_threads = cpu_threads or max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
         self._opencv = OpenCvBackend(size, self.cpu_threads)
         self._torch_apply = torch_backend.apply_packed  # replaced by its compiled form in compile()
+        self._torch_first_pass = False  # whether _torch_apply reads the first-pass columns (the planes form does)
 
     @classmethod
     def from_manifest(cls, manifest: dict, size: int, config: AugConfig = AugConfig(), **kwargs) -> "GpuAugment":
@@ -132,18 +134,20 @@ class GpuAugment(nn.Module):
             return "opencv" if device.type == "cpu" else "torch"
         return self.backend
 
-    def compile(self, **kwargs) -> "GpuAugment":
+    def compile(self, planes: bool = True, **kwargs) -> "GpuAugment":
         """Compile the torch backend's device part with fullgraph=True and static shapes (kwargs go to torch.compile);
         returns self.
 
-        Only the device part: the host-side packing and its pinned non_blocking copy stay eager (Inductor is known
-        to miscompile a non_blocking copy of a CPU tensor computed inside a graph). Unlike nn.Module.compile this
-        leaves `forward` as it is; the OpenCV and Triton backends (the latter fused by hand) and eval mode are not
-        affected.
+        `planes` (default): compile the planes formulation (torch_planes), the one Inductor fuses; False compiles
+        the eager formulation as it is (19 kernels; kept for the benchmarks' before/after). Only the device part:
+        the host-side packing and its pinned non_blocking copy stay eager (Inductor is known to miscompile a
+        non_blocking copy of a CPU tensor computed inside a graph). Unlike nn.Module.compile this leaves `forward`
+        as it is; the OpenCV and Triton backends (the latter fused by hand) and eval mode are not affected.
         """
         # static shapes, as the trainer's model (the trainer's COMPILE_OPTIONS): one graph per stage size
-        self._torch_apply = torch.compile(torch_backend.apply_packed,
+        self._torch_apply = torch.compile(torch_planes.apply_packed if planes else torch_backend.apply_packed,
                                           **{"fullgraph": True, "dynamic": False, **kwargs})
+        self._torch_first_pass = planes
         return self
 
     # ------------------------------------------------------------------ parameters
@@ -193,9 +197,9 @@ class GpuAugment(nn.Module):
         if backend == "triton" and not triton_backend.available(images.device):
             raise ValueError(f"backend 'triton' runs on CUDA tensors (with the triton package), got a batch on "
                              f"{images.device}; use backend='auto'")
+        first_pass = backend == "triton" or self._torch_first_pass
         packed = torch_backend.to_device(
-            torch_backend.pack_params(params, self.size, self.stored_size, first_pass=backend == "triton"),
-            images.device)
+            torch_backend.pack_params(params, self.size, self.stored_size, first_pass=first_pass), images.device)
         if backend == "triton":
             return triton_backend.apply_packed(images, packed, self.size, self.scale, self.shift, self.gray_weights,
                                                self.out_dtype)

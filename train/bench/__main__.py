@@ -7,8 +7,9 @@
         build seconds, cache bytes, streaming/resident images/s and peak RSS as the data grows
     python -m train.bench gpu [--device cuda] [--json gpu.json] [--quick] [--part NAME [NAME ...]]
         the one-command GPU check: CUDA tests, augmentation, loader placements, training steps fed inline and one
-        batch ahead, a compiled demo run (the default parts); --part compile-modes consistency (or all) adds eager
-        against compiled and CUDA-graph steps, and the training/evaluation commands on the device against the CPU;
+        batch ahead, a compiled demo run (the default parts); --part compile-modes consistency kernels (or all) adds
+        eager against compiled and CUDA-graph steps, the training/evaluation commands on the device against the CPU,
+        and the augmentation's kernels per batch;
         markdown tables for the README; exit code 1 if anything failed
     python -m train.bench recipe [--model resnet18] [--epochs N] [--device cpu|cuda] [--quick] [--scale F] [--json PATH]
         the preset recipe at the dataset's scale on a synthetic C-NMC-sized source: build s, s per epoch per stage,
@@ -17,6 +18,9 @@
     python -m train.bench peers [--device cpu|cuda] [--size 224] [--batch-size 256] [--quick] [--json PATH]
         GpuAugment beside Kornia, torchvision v2 and the report's DataLoader on the same batch, alone and feeding
         ResNet18 training steps: img/s, ratio to GpuAugment, data share, and how each one's semantics differ
+    python -m train.bench kernels [--device cpu|cuda] [--size 224] [--batch-size 16] [--bf16] [--json PATH]
+        the passes over the batch of each form of the augmentation (eager formulation compiled, planes compiled,
+        Triton): Inductor's kernels, intermediate and moved MB per image, CUDA kernels per batch, ms per image
 
 The build benchmark (no torch) is `python -m pipeline.bench build`.
 """
@@ -31,14 +35,14 @@ from pathlib import Path
 from pipeline.progress import add_progress_flags
 
 # train.bench.gpu's PARTS and DEFAULT_PARTS, here too so that --help does not import torch (a test keeps them equal)
-GPU_PARTS = ("tests", "augmentation", "loader", "training", "demo", "compile-modes", "consistency")
+GPU_PARTS = ("tests", "augmentation", "loader", "training", "demo", "compile-modes", "consistency", "kernels")
 GPU_DEFAULT_PARTS = ("tests", "augmentation", "loader", "training", "demo")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{loader,scale,gpu,recipe,peers}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{loader,scale,gpu,recipe,peers,kernels}")
 
     loader = sub.add_parser("loader", prog="python -m train.bench loader",
                             help="the report's per-image loader against the cached loader + augmentation",
@@ -114,6 +118,17 @@ def _parser() -> argparse.ArgumentParser:
     peers.add_argument("--quick", action="store_true", help="tiny size, batch and counts: checks the wiring")
     peers.add_argument("--json", type=Path, help="also write the figures here")
     add_progress_flags(peers)
+
+    kernels = sub.add_parser("kernels", prog="python -m train.bench kernels",
+                             help="kernels and bytes per image of each form of the augmentation",
+                             description="the passes over the batch of each form of the augmentation, read from the "
+                                         "code Inductor generates, and ms per image in the same run")
+    kernels.add_argument("--device", default="cpu", help="cpu or cuda")
+    kernels.add_argument("--size", type=int, default=224, help="output px")
+    kernels.add_argument("--batch-size", type=int, default=16)
+    kernels.add_argument("--calls", type=int, default=3, help="timed calls per form")
+    kernels.add_argument("--bf16", action="store_true", help="write bf16 (what an AMP step asks for)")
+    kernels.add_argument("--json", type=Path, help="also write the figures here")
     return p
 
 
@@ -191,6 +206,19 @@ def main(argv=None) -> int:
         result = bench_peers.run(device=args.device, size=args.size, batch_size=args.batch_size, quick=args.quick,
                                  progress=args.progress)
         print(bench_peers.report(result))
+    elif args.command == "kernels":
+        from train.bench import kernels as bench_kernels
+        if _cuda_missing(args.device):
+            return 2
+        if args.size < 2 or args.batch_size < 1 or args.calls < 1:
+            print(f"error: --size must be >= 2 and --batch-size, --calls >= 1 (got {args.size}, {args.batch_size}, "
+                  f"{args.calls})", file=sys.stderr)
+            return 2
+        import torch
+        result = bench_kernels.run(device=args.device, size=args.size, batch_size=args.batch_size, calls=args.calls,
+                                   out_dtype=torch.bfloat16 if args.bf16 else torch.float32)
+        print(bench_kernels.report(result))
+        code = 1 if any("error" in row for row in result["rows"]) else 0
     else:
         from train.bench import gpu as bench_gpu
         if _cuda_missing(args.device):

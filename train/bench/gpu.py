@@ -15,7 +15,10 @@ Parts (`--part NAME ...`; the first five by default, `--part all` for every one)
 6. compile-modes: ResNet18/50 training steps at batch 64 and 256, eager against `--compile` and `--compile-mode
    reduce-overhead` (CUDA graphs), built as train.run builds them (the compile_modes part);
 7. consistency: train.run with the modern recipe (SGD and AdamW), a 2-fold train.cv, train.evaluate --tta and
-   train.predict --tta on the device against the CPU, each within a stated tolerance (the consistency part).
+   train.predict --tta on the device against the CPU, each within a stated tolerance (the consistency part);
+8. kernels: the augmentation's passes over the batch, `python -m train.bench kernels` at 224 px, batch 256, bf16
+   out: the eager formulation compiled against the planes formulation and the Triton backend, each one's Inductor
+   kernels, intermediate bytes, CUDA kernels per batch (torch.profiler) and ms per image (the kernels part).
 The loader and training parts share a benchmark cache, built first (the `cache` stage) when either runs.
 
 Every part, and every row within one, is recorded whether or not the others fail: a failure keeps its error text in
@@ -47,6 +50,7 @@ from pipeline.store import CacheReader
 from train.augment import GpuAugment
 from train.bench.compile_modes import check_compile_modes
 from train.bench.consistency import check_consistency
+from train.bench import kernels as bench_kernels
 from train.bench.gpu_report import report  # noqa: F401  (the CLI prints train.bench.gpu.report(result))
 from train.bench.loader import Feed, sync, time_augment, time_cached, time_training
 from train.bench.record import ROOT, TAIL_CHARS, attempt as _attempt, free as _free, run_command as _run
@@ -58,7 +62,7 @@ from train.engine.loop import Precision
 log = logging.getLogger(__name__)
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # synthetic input: any normalisation costs the same
 # The parts in the order they run; `--part` picks some (DEFAULT_PARTS when none is given, `all` for every one).
-PARTS = ("tests", "augmentation", "loader", "training", "demo", "compile-modes", "consistency")
+PARTS = ("tests", "augmentation", "loader", "training", "demo", "compile-modes", "consistency", "kernels")
 DEFAULT_PARTS = ("tests", "augmentation", "loader", "training", "demo")  # one call of under 8 minutes on an H200
 
 
@@ -101,6 +105,9 @@ class Plan:
     consistency_opts: tuple[str, ...] = ("sgd", "adamw")
     consistency_folds: int = 2
     consistency_timeout_s: int = 300  # per command
+    kernels_size: int = 224  # the kernels part
+    kernels_batch: int = 256
+    kernels_calls: int = 20
 
 
 QUICK = Plan(aug_sizes=(64,), aug_batches=(8,), aug_calls=2, aug_warmup_calls=1, aug_bf16_batches=(8,),
@@ -109,7 +116,7 @@ QUICK = Plan(aug_sizes=(64,), aug_batches=(8,), aug_calls=2, aug_warmup_calls=1,
              train_steps=3, train_warmup_steps=2, pytest=False, demo_sizes=(64,), demo_stages=("64:1",),
              demo_batch_size=16, demo_compile=False, demo_timeout_s=120, cm_models=("resnet18",), cm_batches=(4,),
              cm_size=32, cm_steps=2, cm_warmup_steps=1, cm_rounds=2, consistency_stage="64:1",
-             consistency_opts=("sgd",))
+             consistency_opts=("sgd",), kernels_size=16, kernels_batch=2, kernels_calls=1)
 
 
 # ---------------------------------------------------------------------- the parts
@@ -171,6 +178,15 @@ def check_augmentation(plan: Plan, device: torch.device) -> dict:
         rows.append(_attempt(row, lambda: _augment_rate(plan, size, batch_size, compiled, device, out_dtype,
                                                         backend), device))
     return {"backend": "torch, triton", "calls": plan.aug_calls, "rows": rows}
+
+
+def check_kernels(plan: Plan, device: torch.device) -> dict:
+    """The kernels benchmark's result (its rows and the Triton kernels compiled ahead of time), bf16 out as the AMP
+    step asks for."""
+    result = bench_kernels.run(device=str(device), size=plan.kernels_size, batch_size=plan.kernels_batch,
+                               calls=plan.kernels_calls, out_dtype=torch.bfloat16)
+    result["rows"] = result["rows"] + [row for row in result["triton_compiled"] if "error" in row]
+    return result
 
 
 def build_cache(plan: Plan, work: Path) -> dict:
@@ -338,6 +354,7 @@ def run(device: str = "cuda", quick: bool = False, work_dir: Path | None = None,
         staged("compile-modes", check_compile_modes, plan, device)
         _free(device)  # as for the demo: the consistency part's commands are other processes
         staged("consistency", check_consistency, plan, device, work)
+    staged("kernels", check_kernels, plan, device)
     bar.close()
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["failed"] = [name for name, s in stages.items() if s["status"] == "failed"]

@@ -151,6 +151,15 @@ def _consistency(s: dict) -> list[str]:
                             "seconds (device / CPU)"], rows) if rows else [])
 
 
+def _kernels(s: dict) -> list[str]:
+    from train.bench.kernels import report as kernels_report  # the kernels benchmark's own tables
+    lines = ["### Augmentation passes (the kernels part)", ""] + _status_line(s)
+    if "triton_compiled" in s:
+        s = {**s, "rows": [row for row in s["rows"] if "form" in row]}  # its report prints the compile rows apart
+        lines += [kernels_report(s), ""]
+    return lines
+
+
 def report(r: dict) -> str:
     st = r["stages"]
     versions = f"torch {r['torch']}" + (f", CUDA {r['cuda']}, cuDNN {r['cudnn']}" if r.get("cuda") else "")
@@ -158,7 +167,7 @@ def report(r: dict) -> str:
              f"{'all parts ok' if r['ok'] else '**FAILED**: ' + ', '.join(r['failed'])}; {r['seconds']:.0f} s in all",
              ""]
     tables = {"tests": _tests, "augmentation": _augmentation, "cache": _cache, "loader": _loader,
-              "training": _training, "demo": _demo, "compile-modes": _compile_modes, "consistency": _consistency}
+              "training": _training, "demo": _demo, "compile-modes": _compile_modes, "consistency": _consistency, "kernels": _kernels}
     for name, stage in st.items():  # the parts that ran, in the order they ran
         lines += tables[name](stage)
     return "\n".join(lines).rstrip() + "\n"
