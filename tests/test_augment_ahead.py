@@ -128,7 +128,8 @@ def test_cuda_ahead_gives_the_inline_tensors_without_a_host_wait(cache):
         timer = EpochTimer(cuda)
         batches = augmented_batches(loader, augment, generator, Precision(channels_last=True).prepare, timer, cuda,
                                     ahead)
-        first = next(batches)  # warm-up: the loader's first fill, pinned buffers
+        first = [t * 1 for t in next(batches)]  # warm-up: the loader's first fill, pinned buffers; a copy (as below):
+        # a yielded batch is the ring's buffer, written again three batches later
         torch.cuda.set_sync_debug_mode("error")
         try:
             rest = [(x * 1, y * 1) for x, y in batches]  # a step's use of each batch on the compute stream
