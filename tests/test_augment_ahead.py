@@ -1,5 +1,5 @@
 """Augmentation one batch ahead (train.engine.ahead): the order of calls, the same tensors, the same run; the
-compile-mode, augment-ahead and augment-backend settings of train.run."""
+compile-mode (and which modes capture CUDA graphs), augment-ahead and augment-backend settings of train.run."""
 import json
 
 import pandas as pd
@@ -11,6 +11,7 @@ from tests.helpers import common
 from train.augment import GpuAugment
 from train.data.loader import CacheLoader
 from train.engine.ahead import ahead_default, augmented_batches
+from train.engine.config import COMPILE_MODES, CUDA_GRAPH_MODES, uses_cuda_graphs
 from train.engine.loop import Precision
 from train.engine.timing import EpochTimer
 from train.run import main
@@ -113,6 +114,17 @@ def test_compile_mode_is_saved_and_implies_compile_and_a_bad_one_is_refused(cach
                         "compile_mode": "fastest"})
 
 
+def test_the_modes_marked_as_cuda_graphs_are_those_whose_inductor_options_capture_them():
+    """A mode that captures CUDA graphs unmarked would leave `Precision.cuda_graphs` off, and no step marked."""
+    import torch._inductor
+    for mode in COMPILE_MODES:
+        captures = torch._inductor.list_mode_options(mode).get("triton.cudagraphs", False)
+        assert (mode in CUDA_GRAPH_MODES) == captures, mode
+        assert uses_cuda_graphs(mode, torch.device("cuda")) == captures and not uses_cuda_graphs(mode, CPU)
+    assert CUDA_GRAPH_MODES <= set(COMPILE_MODES)
+    assert not uses_cuda_graphs("eager", torch.device("cuda"))  # the bench's uncompiled row
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_ahead_gives_the_inline_tensors_without_a_host_wait(cache):
@@ -128,7 +140,8 @@ def test_cuda_ahead_gives_the_inline_tensors_without_a_host_wait(cache):
         timer = EpochTimer(cuda)
         batches = augmented_batches(loader, augment, generator, Precision(channels_last=True).prepare, timer, cuda,
                                     ahead)
-        first = next(batches)  # warm-up: the loader's first fill, pinned buffers
+        first = [t * 1 for t in next(batches)]  # warm-up: the loader's first fill, pinned buffers; a copy (as below):
+        # a yielded batch is the ring's buffer, written again three batches later
         torch.cuda.set_sync_debug_mode("error")
         try:
             rest = [(x * 1, y * 1) for x, y in batches]  # a step's use of each batch on the compute stream

@@ -15,12 +15,14 @@ from pipeline.store import CacheReader
 from tests.helpers import SIZE, common
 from tests.train_helpers import CountReads
 from train.engine import checkpoint as ckpt
+from train.engine import estimate
 from train.engine import loop as loop_mod
 from train.engine import trainer as trainer_mod
 from train.augment import GpuAugment
 from train.engine.config import Stage, TrainConfig
 from train.engine.distributed import Dist
 from train.engine.ema import ModelEma
+from train.engine.graph_skips import cuda_graph_skips_warning
 from train.data.loader import CacheLoader
 from train.engine.loop import Precision, loss_and_acc, predict_split, train_one_epoch, train_step
 from train.engine.optim import Schedule, build_optimizer, param_groups, set_lr
@@ -459,3 +461,22 @@ def test_a_linked_cache_under_the_cache_root_is_not_chosen(cache, tmp_path, capl
         session.find_cache(root, [16])
     assert "a symbolic link, not a cache folder" in caplog.text and f"--cache {root / cache.name}" in caplog.text
     assert session.find_cache(cache.parent, [16]) == cache  # the cache itself is found where it is
+
+
+def test_the_time_estimate_synchronises_before_each_clock_read(cache, monkeypatch):
+    """CUDA steps are only queued when train_step returns: a clock read without a sync first times the launches."""
+    config = resolve_config(parse_args(["resnet18", "--stages", "16:1", "24:1", "--batch-size", "2", "--device", "cpu",
+                                        *common(cache, Path("unused"))]))[0]
+    log = []
+    clock = iter(range(1, 1000))
+    monkeypatch.setattr(estimate.time, "perf_counter", lambda: log.append("clock") or next(clock))
+    seconds, lines = estimate.estimate_seconds(config, sync=lambda: log.append("sync"))
+    assert log == ["sync", "clock"] * 4 and len(lines) == 2 and seconds > 0  # two stages: start and end each
+
+
+def test_a_ddp_run_is_told_when_inductor_skipped_its_cuda_graphs():
+    message = cuda_graph_skips_warning("reduce-overhead", ddp=True, skips=3)
+    assert "3 compiled graph(s) without CUDA graphs" in message and "pytorch/pytorch#139207" in message
+    assert "--compile-mode reduce-overhead" in message
+    assert cuda_graph_skips_warning("reduce-overhead", ddp=True, skips=0) is None
+    assert cuda_graph_skips_warning("max-autotune", ddp=False, skips=3) is None  # not the known cause

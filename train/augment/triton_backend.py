@@ -19,6 +19,7 @@ through Triton's interpreter (TRITON_INTERPRET=1). Hue follows kornia's rgb_to_h
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -194,20 +195,24 @@ if triton is not None:
 
 def apply_packed(images: torch.Tensor, packed: torch.Tensor, size: int, scale: torch.Tensor, shift: torch.Tensor,
                  gray_weights: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """As `torch_backend.apply_packed`, in two kernel launches; the output is channels_last in `out_dtype`."""
-    n, _, stored, _ = images.shape
-    blocks = -(-size * size // BLOCK_PIXELS)
-    w0, w1, w2 = tb.GRAY_WEIGHTS  # constants, not read back from the device
-    strides = images.stride()
-    partial = torch.empty((n, blocks), dtype=torch.float32, device=images.device)
-    mean_kernel[(n, blocks)](images, packed, partial, size, stored, *strides, w0, w1, w2, blocks,
-                             COLUMNS=tb.FIRST_PASS_COLUMNS, HUE_COL=tb.HUE_COLUMN,
-                             FIRST_COL=tb.BEFORE_CONTRAST_COLUMNS.start, HUE_FIRST_COL=tb.HUE_BEFORE_CONTRAST_COLUMN,
-                             BLOCK=BLOCK_PIXELS)
-    mean_gray = partial.sum(1) / (size * size)  # (n,): a fixed order of sums, no atomics
-    out = torch.empty((n, 3, size, size), dtype=out_dtype, device=images.device,
-                      memory_format=torch.channels_last)
-    chain_kernel[(n, blocks)](images, packed, mean_gray, shift.reshape(3), scale.reshape(3), out, size, stored,
-                              *strides, *out.stride(), w0, w1, w2, COLUMNS=tb.FIRST_PASS_COLUMNS,
-                              BLEND_COL=tb.BLEND_COLUMNS.start, HUE_COL=tb.HUE_COLUMN, BLOCK=BLOCK_PIXELS)
-    return out
+    """As `torch_backend.apply_packed`, in two kernel launches; the output is channels_last in `out_dtype`.
+
+    The launches go to `images`' device: Triton launches on the *current* CUDA device and its current stream, which
+    need not be the images' (`--device cuda:1` in one process, inline augmentation, sets no current device)."""
+    with torch.cuda.device(images.device) if images.is_cuda else contextlib.nullcontext():
+        n, _, stored, _ = images.shape
+        blocks = -(-size * size // BLOCK_PIXELS)
+        w0, w1, w2 = tb.GRAY_WEIGHTS  # constants, not read back from the device
+        strides = images.stride()
+        partial = torch.empty((n, blocks), dtype=torch.float32, device=images.device)
+        mean_kernel[(n, blocks)](images, packed, partial, size, stored, *strides, w0, w1, w2, blocks,
+                                 COLUMNS=tb.FIRST_PASS_COLUMNS, HUE_COL=tb.HUE_COLUMN,
+                                 FIRST_COL=tb.BEFORE_CONTRAST_COLUMNS.start,
+                                 HUE_FIRST_COL=tb.HUE_BEFORE_CONTRAST_COLUMN, BLOCK=BLOCK_PIXELS)
+        mean_gray = partial.sum(1) / (size * size)  # (n,): a fixed order of sums, no atomics
+        out = torch.empty((n, 3, size, size), dtype=out_dtype, device=images.device,
+                          memory_format=torch.channels_last)
+        chain_kernel[(n, blocks)](images, packed, mean_gray, shift.reshape(3), scale.reshape(3), out, size, stored,
+                                  *strides, *out.stride(), w0, w1, w2, COLUMNS=tb.FIRST_PASS_COLUMNS,
+                                  BLEND_COL=tb.BLEND_COLUMNS.start, HUE_COL=tb.HUE_COLUMN, BLOCK=BLOCK_PIXELS)
+        return out

@@ -4,15 +4,15 @@ with CUDA graphs (`--compile --compile-mode reduce-overhead`), on a resident bat
 Why: at batch 64 an eager ResNet step on an H200 is bound by the host's kernel launches (the GPU check's training
 part), so the data share depends on how the model runs as much as on the data. The steps are built as train.run
 builds them: the trainer's static-shape compile options and `compile_mode_options`, the `Precision` the trainer
-makes (with `cuda_graphs` set for reduce-overhead, so `train_step` marks each step with `mark_graph_step`), the
-report recipe's optimizer from `build_optimizer` (fused on CUDA), the input in the step's dtype as the
-augmentation writes it. Each (model, batch size) builds its variants from the same initial weights, times them in
-alternating rounds (medians, as the training part does), then drops them and Dynamo's caches (the CUDA graphs'
-memory pools with them) before the next.
+makes (with `cuda_graphs` set for the modes with CUDA graphs, so `train_step` marks each step with
+`mark_graph_step`), the report recipe's optimizer from `build_optimizer` (fused on CUDA), the input in the step's
+dtype as the augmentation writes it. Each (model, batch size) builds its variants from the same initial weights,
+times them in alternating rounds (medians, as the training part does), then drops them and Dynamo's caches (the
+CUDA graphs' memory pools with them) before the next.
 
 `compile_s` is the time of the untimed first steps: the compile, the CUDA graphs' warm-up and capture, cuDNN's
 kernel search (the eager row has only the last, so the difference is what compiling costs once per stage).
-`cudagraph_skips` counts the graphs Inductor ran without CUDA graphs in a reduce-overhead row (it falls back, with a
+`cudagraph_skips` counts the graphs Inductor ran without CUDA graphs in a row with CUDA graphs (it falls back, with a
 warning, e.g. on an op it cannot capture): a row with skips measured less than CUDA graphs.
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ from train.bench.record import attempt, error_of, free
 from train.engine.loop import Precision, train_step
 from train.engine.optim import build_optimizer
 from train.engine.options import RECIPES
-from train.engine.config import compile_mode_options
+from train.engine.config import compile_mode_options, uses_cuda_graphs
+from train.engine.graph_skips import cudagraph_skips
 from train.engine.trainer import COMPILE_OPTIONS
 
 EAGER = "eager"  # the model not compiled; any other mode is a --compile-mode value
@@ -43,16 +44,10 @@ def skip_reason(mode: str, device: torch.device) -> str | None:
     return None
 
 
-def _cudagraph_skips() -> int:
-    """How many compiled graphs Inductor has run without CUDA graphs so far (a counter of its own; 0 if absent)."""
-    from torch._dynamo.utils import counters
-    return int(counters["inductor"].get("cudagraph_skips", 0))
-
-
 def _step(name: str, mode: str, device: torch.device):
     """A training step of `name` as train.run makes it under `--compile-mode mode` (or eager), and its precision."""
     precision = Precision.for_device(device, amp=True)
-    precision.cuda_graphs = mode == "reduce-overhead" and device.type == "cuda"  # as the Trainer sets it
+    precision.cuda_graphs = uses_cuda_graphs(mode, device)  # as the Trainer sets it (the eager row: no graphs)
     torch.manual_seed(0)  # every variant starts from the same weights
     net = build_model(name).to(device, memory_format=torch.channels_last if precision.channels_last
                                else torch.contiguous_format)
@@ -85,7 +80,7 @@ def _group(plan, device: torch.device, name: str, batch_size: int) -> list[dict]
 
         def warm_up(mode=mode):
             step, precision = _step(name, mode, device)
-            skips = _cudagraph_skips()
+            skips = cudagraph_skips()
             sync(device)
             start = time.perf_counter()
             for _ in range(plan.cm_warmup_steps):
@@ -94,7 +89,7 @@ def _group(plan, device: torch.device, name: str, batch_size: int) -> list[dict]
             steps[mode] = step
             return {"compile_s": time.perf_counter() - start, "cuda_graphs": precision.cuda_graphs,
                     # graphs Inductor ran without CUDA graphs (it says why in a warning): 0 when they all replay
-                    "cudagraph_skips": _cudagraph_skips() - skips if precision.cuda_graphs else None,
+                    "cudagraph_skips": cudagraph_skips() - skips if precision.cuda_graphs else None,
                     "amp_dtype": str(precision.amp_dtype).replace("torch.", "") if precision.amp_dtype else None}
         attempt(row, warm_up, device)
     rates = {mode: [] for mode in steps}

@@ -159,7 +159,14 @@ def _gpu_augment(batch: Batch, backend: str, compiled: bool):
         augment.compile()
     generator, n = torch.Generator().manual_seed(0), len(batch.labels)
     if backend == "opencv":  # the host's work, then the copy a CUDA step needs
-        return lambda: augment.apply(batch.host_images, augment.sample(n, generator)).to(batch.device)
+        cuda = batch.device.type == "cuda"
+
+        def opencv():
+            out = augment.apply(batch.host_images, augment.sample(n, generator))
+            # from pinned memory and non_blocking, as a user would copy it: a copy from pageable memory waits for
+            # the device to drain on every call, which the row would count against OpenCV
+            return out.pin_memory().to(batch.device, non_blocking=True) if cuda else out.to(batch.device)
+        return opencv
     return lambda: augment.apply(batch.images, augment.sample(n, generator))
 
 

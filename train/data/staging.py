@@ -6,6 +6,9 @@ and makes the compute stream wait for it with an event (a device-side wait; the 
 to the producer as soon as its copy is queued; the producer, not the training thread, waits for that copy to finish
 before it writes into the buffer again. No pinning per batch: page-locking fresh memory costs far more than the copy.
 
+The copies of every `Staging` on a device (every loader, every epoch) are queued on one stream (`device_stream`),
+so the device memory of one epoch's batches is reused by the next.
+
 On a CPU device the same protocol runs with ordinary buffers and `send` hands out a copy, so the producer/consumer
 logic is exercised by the CPU tests too.
 
@@ -21,6 +24,22 @@ import torch
 
 STAGING_BUFFERS = 3  # pinned batches in flight on CUDA: one being filled, one queued, one being copied
 
+SIDE_STREAMS: dict[tuple[str, int], torch.cuda.Stream] = {}  # (purpose, CUDA device index): its one side stream
+
+
+def device_stream(device: torch.device, purpose: str) -> torch.cuda.Stream:
+    """The one side stream for `purpose` on CUDA `device`, made on first use and reused for the process's life.
+
+    Reused, not made per epoch or per loader: the caching allocator ties each freed block to the stream that
+    allocated it (it is handed out again on that stream only), and `torch.cuda.Stream()` draws the next stream of a
+    round-robin pool, so fresh streams would leave each epoch's side-stream memory cached where no later epoch can
+    reuse it (reserved memory growing until the pool's streams have all been drawn)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (purpose, index)
+    if key not in SIDE_STREAMS:
+        SIDE_STREAMS[key] = torch.cuda.Stream(torch.device("cuda", index))
+    return SIDE_STREAMS[key]
+
 
 class Staging:
     """`count` (images (B, S, S, 3) uint8, labels (B,) int64) host buffers and a side stream for `device`."""
@@ -33,7 +52,7 @@ class Staging:
                        for _ in range(count)]
         self.labels = [torch.empty(batch_size, dtype=torch.int64, pin_memory=cuda) for _ in range(count)]
         self._copied: list[torch.cuda.Event | None] = [None] * count  # each buffer's last copy
-        self._stream = torch.cuda.Stream(device) if cuda else None
+        self._stream = device_stream(device, "staging copies") if cuda else None
         self._free: queue.Queue[int] = queue.Queue()
         for i in range(count):
             self._free.put(i)

@@ -6,10 +6,15 @@ queued, so its kernels run while step i's do; the compute stream waits for it wi
 the host goes on). Both ways draw the batches' parameters from `generator` in the same order, one batch at a time,
 so a seeded run trains on the same tensors either way: only when the kernels run changes.
 
-Memory that crosses streams is kept correct with `record_stream`: the batch and its labels are made on the side
-stream (the loader's copy waits there, `staging.Staging.send` orders it on the current stream) and used on the
-compute stream, so the caching allocator does not hand their memory out again before the compute stream is done
-with them. At most two augmented batches live at once (the one being trained on, the one ahead).
+The augmented batches cross streams through a ring of `RING_SLOTS` output buffers, handed over in stream order:
+batch j is augmented on the side stream, which then waits (device-side) for the event that says the compute stream
+is done with slot j % RING_SLOTS before copying it there; the compute stream waits for the copy before step j and
+records that slot's event once step j has been queued (when the loop asks for the next batch). So the batches' memory
+is the ring's three buffers, however far the host runs ahead, and the augmentation's temporaries stay on the side
+stream, reused in its own order. (`record_stream` would instead free a batch only once the host has noticed, at a
+later allocation, that the compute stream is past it: memory growing with how far the host runs ahead.) The labels
+are tiny and keep `record_stream`. The side stream is one per device for the process (`staging.device_stream`),
+reused every epoch: the caching allocator reuses a freed block only on the stream that allocated it.
 
 On a CPU there is no second stream: "ahead" runs the same order of calls (fetch and augment batch i+1, then step
 i) on the one thread, which is what the CPU tests compare with the inline order.
@@ -21,7 +26,10 @@ from collections.abc import Iterator
 import torch
 
 from train.augment import GpuAugment
+from train.data.staging import device_stream
 from train.engine.timing import EpochTimer
+
+RING_SLOTS = 3  # augmented batches in device memory: one being trained on, one ready, one being written
 
 
 def ahead_default(device: str | torch.device) -> bool:
@@ -82,14 +90,36 @@ def _ahead_in_order(loader, augment, generator, prepare, timer: EpochTimer):
         yield x, labels
 
 
+class _OutputRing:
+    """`slots` device buffers for augmented batches, each with the compute stream's event that says it is free.
+
+    A buffer is allocated on the compute stream (outside the side stream's context), so when it is freed (a new
+    shape, the epoch's end) its block goes back to the stream that reads it; a fresh buffer's event is recorded at
+    once, so the side stream's first write also waits for whatever compute work had that block before."""
+
+    def __init__(self, slots: int):
+        self.buffers: list[torch.Tensor | None] = [None] * slots
+        self.consumed = [torch.cuda.Event() for _ in range(slots)]
+
+    def buffer_for(self, slot: int, x: torch.Tensor, compute) -> torch.Tensor:
+        buffer = self.buffers[slot]
+        if buffer is None or buffer.shape != x.shape or buffer.dtype != x.dtype or buffer.stride() != x.stride():
+            buffer = self.buffers[slot] = torch.empty_like(x)  # x's layout (channels_last from `prepare`)
+            self.consumed[slot].record(compute)
+        return buffer
+
+
 def _ahead_on_side_stream(loader, augment, generator, prepare, timer: EpochTimer, device: torch.device):
     compute = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
+    side = device_stream(device, "augment ahead")
     # the side stream starts after everything queued so far (the model's weights, an earlier epoch's work)
     side.wait_stream(compute)
     batches = iter(loader)
+    ring = _OutputRing(RING_SLOTS)
+    launched = 0
 
     def launch():
+        nonlocal launched
         with torch.cuda.stream(side):
             try:
                 images, labels = next(batches)  # its copy (Staging) or gather (resident) is ordered on `side`
@@ -97,17 +127,30 @@ def _ahead_on_side_stream(loader, augment, generator, prepare, timer: EpochTimer
                 return None
             start = timer.mark(side)
             x = _augment(augment, images, labels, generator, prepare)
-            end = timer.mark(side)
+            end = timer.mark(side)  # before the wait below: the augmentation's span, not the ring's
+        slot = launched % RING_SLOTS
+        launched += 1
+        out = ring.buffer_for(slot, x, compute)
+        with torch.cuda.stream(side):
+            side.wait_event(ring.consumed[slot])  # the step that read this slot last has finished
+            out.copy_(x)
+            done = torch.cuda.Event()
+            done.record(side)
         images.record_stream(side)  # read on the side stream, whichever stream made it
-        return x, labels, (start, end), end
+        return out, labels, (start, end), done, slot
 
-    pending = launch()
-    while pending is not None:
-        x, labels, augmented, done = pending
-        pending = launch()  # batch i+1 is queued on the side stream before step i on the compute stream
-        wait_start = timer.mark(compute)
-        compute.wait_event(done)
-        timer.add_step((wait_start, timer.mark(compute)), augmented)
-        x.record_stream(compute)
-        labels.record_stream(compute)
-        yield x, labels
+    try:
+        pending = launch()
+        while pending is not None:
+            x, labels, augmented, done, slot = pending
+            pending = launch()  # batch i+1 is queued on the side stream before step i on the compute stream
+            wait_start = timer.mark(compute)
+            compute.wait_event(done)
+            timer.add_step((wait_start, timer.mark(compute)), augmented)
+            labels.record_stream(compute)
+            yield x, labels
+            ring.consumed[slot].record(compute)  # asked for the next batch: step i has been queued after its reads
+    finally:
+        # a stopped epoch may leave a copy into the ring queued on the side stream; the buffers go back to the
+        # compute stream's pool, so its later work must come after that copy (a device-side wait)
+        compute.wait_stream(side)

@@ -13,11 +13,20 @@ from train.engine.options import RECIPES, sched_for_drops
 REPORT = RECIPES["report"]  # TrainConfig's defaults: a config.json written before recipes existed loads as `report`
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+# The modes whose Inductor options turn CUDA graphs on ("triton.cudagraphs" in torch._inductor.list_mode_options;
+# max-autotune too, its graph-free twin being max-autotune-no-cudagraphs). A test holds this to torch's own table.
+CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
 
 
 def compile_mode_options(mode: str) -> dict:
     """torch.compile's keyword for `--compile-mode` (none for the default)."""
     return {} if mode == "default" else {"mode": mode}
+
+
+def uses_cuda_graphs(mode: str, device) -> bool:
+    """Whether a model compiled with `--compile-mode mode` on `device` (a torch.device) runs as CUDA graphs, so each
+    step must be marked (`loop.mark_graph_step`); Inductor captures graphs on CUDA only."""
+    return mode in CUDA_GRAPH_MODES and device.type == "cuda"
 
 
 # The report's recipe per model: (size, epochs, batch size) stages. ResNet50/152: 550 epochs at 128 px, then the

@@ -23,7 +23,7 @@ class Precision:
     amp_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
     channels_last: bool = False
-    cuda_graphs: bool = False  # the model is compiled with CUDA graphs (--compile-mode reduce-overhead)
+    cuda_graphs: bool = False  # the model is compiled with CUDA graphs (config.CUDA_GRAPH_MODES, on CUDA)
 
     @property
     def out_dtype(self) -> torch.dtype:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import platform
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +28,14 @@ from pipeline.store import CacheReader
 from train.engine import checkpoint as ckpt
 from train.engine import run_folder as rf
 from train.augment import GpuAugment
-from train.engine.config import TrainConfig, compile_mode_options
+from train.engine.config import TrainConfig, compile_mode_options, uses_cuda_graphs
 from train.engine.distributed import Dist
 from train.engine.ema import ModelEma
+from train.engine.estimate import estimate_seconds  # noqa: F401 (re-exported: where callers import it)
+from train.engine.graph_skips import cudagraph_skips, warn_cuda_graph_skips
 from train.data.loader import loader_for
 from train.data.seeds import augment_generator
-from train.engine.loop import Precision, loss_and_acc, predict_split, train_one_epoch, train_step
+from train.engine.loop import Precision, loss_and_acc, predict_split, train_one_epoch
 from train.engine.optim import Schedule, build_optimizer, set_lr
 from train.engine.tensorboard import Board, FirstBatch
 
@@ -109,8 +110,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.reader = CacheReader(self.config.cache_dir)
         self.precision = Precision.for_device(self.device, self.config.amp)
-        self.precision.cuda_graphs = self.config.compile and self.config.compile_mode == "reduce-overhead" and \
-            self.device.type == "cuda"
+        self.precision.cuda_graphs = self.config.compile and uses_cuda_graphs(self.config.compile_mode, self.device)
         self.writer = ckpt.AsyncWriter()
         torch.manual_seed(self.config.seed)  # the initial weights depend on the seed only
         self.net = build_model(self.config.model, stem=self.config.stem, pretrained=self.config.pretrained)
@@ -274,6 +274,7 @@ class Trainer:
         when a resumed run has passed it already)."""
         cfg = self.config
         end = cfg.total_epochs if stop_after_epoch is None else min(cfg.total_epochs, stop_after_epoch)
+        skips_before = cudagraph_skips() if self.precision.cuda_graphs else None  # a per-process count
         for epoch in range(self.state.epoch + 1, end):
             index = cfg.stage_of(epoch)
             stage = cfg.stages[index]
@@ -304,6 +305,9 @@ class Trainer:
                                                           self.device, self.dist))
             self._check_finite(epoch, stage.size, lr, stats.loss, valid_loss, valid_acc)
             self.end_epoch(epoch, index, stage.size, lr, stats, valid_loss, valid_acc)
+            if skips_before is not None:  # after this call's first epoch, which captured the graphs
+                warn_cuda_graph_skips(cfg.compile_mode, self.dist, cudagraph_skips() - skips_before)
+                skips_before = None
             if tap is not None and tap.images is not None:  # after the epoch, once per stage: no step waits for it
                 self.board.train_views(epoch + 1, index + 1, stage.size, tap.images, augment,
                                        augment_generator(cfg.seed, epoch, self.dist.rank))
@@ -370,28 +374,3 @@ class Trainer:
             log.info("epoch %d/%d (%d px): train loss %.4f acc %.4f, valid loss %.4f acc %.4f, %.1f s, %.0f img/s",
                      epoch + 1, self.config.total_epochs, size, stats.loss, stats.acc, valid_loss, valid_acc,
                      stats.seconds, stats.imgs_per_s)
-
-
-def estimate_seconds(config: TrainConfig, steps: int = 2) -> tuple[float, list[str]]:
-    """Time a few training steps per stage on this machine and extrapolate to the whole recipe."""
-    reader = CacheReader(config.cache_dir)
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, stem=config.stem)
-    device = torch.device(config.device)
-    precision = Precision.for_device(device, config.amp)
-    model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
-    optimizer = build_optimizer(model, config, config.lr, fused=False)
-    total, lines = 0.0, []
-    for stage in config.stages:
-        x = precision.prepare(torch.randn(stage.batch_size, 3, stage.size, stage.size, device=device))
-        y = torch.zeros(stage.batch_size, dtype=torch.int64, device=device)
-        for i in range(steps + 1):
-            if i == 1:
-                start = time.perf_counter()
-            train_step(model, x, y, optimizer, precision, device, config.label_smoothing)
-        rate = steps * stage.batch_size / (time.perf_counter() - start)
-        count = reader.count(stage.size, "train") + reader.count(stage.size, "valid") / 3  # eval ~ 1/3 of a step
-        seconds = stage.epochs * count / rate
-        total += seconds
-        lines.append(f"{stage.size} px x {stage.epochs} epochs: {rate:.1f} img/s -> {seconds / 3600:.1f} h")
-    return total, lines
