@@ -52,7 +52,8 @@ PEERS = {
         "one bilinear warp of the stored image; hue in float HSV (kornia.enhance.adjust_hue), no uint8 rounding"),
     "gpuaugment-torch-compiled": (
         "GpuAugment, torch backend, compiled",
-        "as eager; the device part compiled with fullgraph=True and static shapes"),
+        "as eager; the device part's planes form (torch_planes, the same arithmetic) compiled with fullgraph=True and "
+        "static shapes"),
     "gpuaugment-opencv": (
         "GpuAugment, OpenCV backend (host)",
         "the same parameters per sample; per image on uint8 in a thread pool (warpAffine bilinear, hue in uint8 "
