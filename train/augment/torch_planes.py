@@ -108,8 +108,9 @@ def apply_packed(images: torch.Tensor, packed: torch.Tensor, size: int, scale: t
     def column(j):
         return packed[:, j].view(n, 1, 1)
 
+    warped = warp_planes(images, packed[:, tb.WARP_COLUMNS], size)  # both passes start from it
     # pass 1: each sample's chain up to its contrast (identity slots after it), for the mean grey level contrast uses
-    x = warp_planes(images, packed[:, tb.WARP_COLUMNS], size)
+    x = warped
     first = tb.BEFORE_CONTRAST_COLUMNS.start
     hue_first = column(tb.HUE_BEFORE_CONTRAST_COLUMN) > 0.5
     for slot in range(tb.LINEAR_SLOTS):
@@ -119,7 +120,7 @@ def apply_packed(images: torch.Tensor, packed: torch.Tensor, size: int, scale: t
     w0, w1, w2 = tb.GRAY_WEIGHTS
     mean_gray = (x[0] * w0 + x[1] * w1 + x[2] * w2).mean((1, 2)).view(n, 1, 1)
     # pass 2: the whole chain, the mean in the contrast's slot (b is 0 in every other slot), normalised
-    x = warp_planes(images, packed[:, tb.WARP_COLUMNS], size)  # again: recomputing is cheaper than storing
+    x = warped
     blend = tb.BLEND_COLUMNS.start
     for slot in range(tb.LINEAR_SLOTS):
         if slot == tb.LINEAR_SLOTS // 2:
