@@ -10,9 +10,11 @@ it reports what decides the speed on a GPU, read from the code itself rather tha
 - `intermediate_mb_per_image`: the buffers the generated code allocates besides its output (each one written and
   read back at least once), per image; with the uint8 input and the output, `moved_mb_per_image` is the least the
   batch costs in memory traffic (each intermediate counted written once and read once);
-- on CUDA, `cuda_kernels_per_batch`: kernels launched by one call, counted by torch.profiler;
+- on CUDA, `cuda_kernels_per_batch`: what one call runs on the device (kernels, and the parameter table's copy),
+  counted by torch.profiler;
 - `ms_per_image`: one figure timed here (synchronised before and after the calls, never per call), for the ratio in
   the same run on the same machine;
+each of `GpuAugment.apply`, the call train.run makes (host packing included), compiled by `GpuAugment.compile`.
 and, on any machine, the Triton kernels compiled ahead of time for an A100 (sm_80) and an H100/H200 (sm_90) in the
 dtype asked (the triton_compile part): registers per thread, spilled bytes, shared memory.
 """
@@ -25,7 +27,7 @@ import time
 import torch
 
 from train.augment import GpuAugment
-from train.augment import torch_backend, torch_planes
+from train.bench.loader import sync
 from train.bench.record import attempt, error_of
 
 FORMS = {
@@ -53,22 +55,18 @@ def allocations(code: str) -> tuple[int, int]:
     return inner, outer
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _cuda_kernels(fn, device: torch.device) -> int:
     from torch.profiler import ProfilerActivity, profile
-    _sync(device)
+    sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
-        _sync(device)
+        sync(device)
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def measure(form: str, images: torch.Tensor, size: int, out_dtype: torch.dtype, calls: int) -> dict:
-    """One form's row: kernels, bytes per image and ms per image on `images` (uint8, on their device)."""
+    """One form's row: kernels, bytes per image and ms per image of `GpuAugment.apply` on `images` (uint8, on their
+    device), the call train.run makes: host packing and the table's copy included, as for every form."""
     from torch._inductor import metrics
     from torch._inductor.utils import run_and_get_code
 
@@ -76,34 +74,28 @@ def measure(form: str, images: torch.Tensor, size: int, out_dtype: torch.dtype, 
     augment = GpuAugment(size, stored, [0.5] * 3, [0.25] * 3, backend="triton" if form == "triton" else "torch",
                          out_dtype=out_dtype).to(device).train()
     params = augment.sample(n, torch.Generator().manual_seed(0))
+
+    def call():
+        return augment.apply(images, params)
+
     row = {}
     if form != "triton":
         torch._dynamo.reset()
         metrics.reset()
-        fn = torch.compile(torch_planes.apply_packed if form == "planes" else torch_backend.apply_packed,
-                           fullgraph=True, dynamic=False)
-        packed = torch_backend.to_device(torch_backend.pack_params(params, size, stored, first_pass=form == "planes"),
-                                         device)
-        args = (images, packed, size, augment.scale, augment.shift, augment.gray_weights, out_dtype)
-        _, codes = run_and_get_code(fn, *args)
+        augment.compile(planes=form == "planes")
+        _, codes = run_and_get_code(call)  # the first call compiles: Inductor's code for this form
         inner, outer = allocations("\n".join(codes))
         row.update(inductor_kernels=metrics.generated_kernel_count,
                    intermediate_mb_per_image=inner / n / 1e6,
                    moved_mb_per_image=(2 * inner + outer + images[0].numel()) / n / 1e6)
-
-        def call():
-            return fn(*args)
-    else:
-        def call():
-            return augment.apply(images, params)
     call()  # warm-up (Triton: the kernels' compile)
     if device.type == "cuda":
         row["cuda_kernels_per_batch"] = _cuda_kernels(call, device)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(calls):
         call()
-    _sync(device)
+    sync(device)
     row["ms_per_image"] = (time.perf_counter() - start) / calls / n * 1e3
     return row
 
