@@ -144,15 +144,24 @@ if triton is not None:
         return r, g, b
 
     @triton.jit
-    def mean_kernel(img_ptr, packed_ptr, partial_ptr, size, stored, sb, sc, sh, sw, w0, w1, w2, blocks,
-                    COLUMNS: tl.constexpr, HUE_COL: tl.constexpr, FIRST_COL: tl.constexpr,
-                    HUE_FIRST_COL: tl.constexpr, BLOCK: tl.constexpr):
+    def warped_block(img_ptr, packed_ptr, size, stored, sb, sc, sh, sw, COLUMNS: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        """What both passes start from: this program's sample b and block blk (grid (B, blocks)), its output pixels
+        and their mask, the sample's packed row, and the warped (r, g, b) of those pixels."""
         b = tl.program_id(0)
         blk = tl.program_id(1)
         pix = blk * BLOCK + tl.arange(0, BLOCK)
         mask = pix < size * size
         row = packed_ptr + b * COLUMNS
         r, g, bl = warp(img_ptr, b, pix, mask, size, stored, sb, sc, sh, sw, row)
+        return b, blk, pix, mask, row, r, g, bl
+
+    @triton.jit
+    def mean_kernel(img_ptr, packed_ptr, partial_ptr, size, stored, sb, sc, sh, sw, w0, w1, w2, blocks,
+                    COLUMNS: tl.constexpr, HUE_COL: tl.constexpr, FIRST_COL: tl.constexpr,
+                    HUE_FIRST_COL: tl.constexpr, BLOCK: tl.constexpr):
+        b, blk, pix, mask, row, r, g, bl = warped_block(img_ptr, packed_ptr, size, stored, sb, sc, sh, sw, COLUMNS,
+                                                        BLOCK)
         shift = tl.load(row + HUE_COL)
         hue_first = tl.load(row + HUE_FIRST_COL) > 0.5
         for slot in tl.static_range(6):
@@ -170,12 +179,8 @@ if triton is not None:
     def chain_kernel(img_ptr, packed_ptr, mean_ptr, shift_ptr, scale_ptr, out_ptr, size, stored, sb, sc, sh, sw,
                      ob, oc, oh, ow, w0, w1, w2, COLUMNS: tl.constexpr, BLEND_COL: tl.constexpr,
                      HUE_COL: tl.constexpr, BLOCK: tl.constexpr):
-        b = tl.program_id(0)
-        blk = tl.program_id(1)
-        pix = blk * BLOCK + tl.arange(0, BLOCK)
-        mask = pix < size * size
-        row = packed_ptr + b * COLUMNS
-        r, g, bl = warp(img_ptr, b, pix, mask, size, stored, sb, sc, sh, sw, row)
+        b, _, pix, mask, row, r, g, bl = warped_block(img_ptr, packed_ptr, size, stored, sb, sc, sh, sw, COLUMNS,
+                                                      BLOCK)
         mean_gray = tl.load(mean_ptr + b)
         for slot in tl.static_range(6):
             if slot == 3:
