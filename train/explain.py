@@ -18,22 +18,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from train.engine.distributed import resolve_device
 from train.evaluation.explain import (DEFAULT_METHOD, MAX_CELLS, METHODS, SLOW_METHODS, ExplainError, check_out,
                                       draw_explanation, explain_images, explain_split)
-from train.evaluation.predictor import load_predictor
-
-
-def _out_file(text: str) -> Path:
-    """--out names a file: `dir/` or an existing folder would otherwise become a file named like the folder."""
-    if text.endswith(("/", os.sep)) or Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder; --out takes a PNG file name, e.g. "
-                                         f"{Path(text) / 'explain.png'}")
-    return Path(text)
+from train.evaluation.predictor import load_predictor, out_file_type
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"grad-cam's map: {', '.join(METHODS)} (default {DEFAULT_METHOD}; "
                         f"{' and '.join(SLOW_METHODS)} run the model once per channel: minutes on a CPU)")
     p.add_argument("--checkpoint", default="best.pt", help="checkpoint file in the run folder (best.pt or last.pt)")
-    p.add_argument("--out", type=_out_file, default=Path("explain.png"), help="the PNG (must not exist)")
+    p.add_argument("--out", type=out_file_type("explain.png"), default=Path("explain.png"),
+                   help="the PNG (must not exist)")
     p.add_argument("--batch-size", type=int, help="images per forward pass when choosing cells (default: the "
                                                   "checkpoint stage's)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")

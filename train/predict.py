@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -29,16 +28,9 @@ from pipeline.progress import add_progress_flags
 from pipeline.sources import ON_ERROR, UNKNOWN_PATIENT
 from train.engine.distributed import resolve_device
 from train.evaluation.predictor import (PredictError, Predictor, check_out, companions, gather, load_predictor,
-                                        patient_table, predict_images, prediction_table, write_outputs)
+                                        out_file_type, patient_table, predict_images, prediction_table,
+                                        write_outputs)
 from train.evaluation.tta import VIEWS
-
-
-def _out_file(text: str) -> Path:
-    """--out names a file: `dir/` or an existing folder would otherwise become a file named like the folder."""
-    if text.endswith(("/", os.sep)) or Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder; --out takes a CSV file name, e.g. "
-                                         f"{Path(text) / 'predictions.csv'}")
-    return Path(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or source folders")
     p.add_argument("--checkpoint", default="best.pt",
                    help="a checkpoint in the run folder (best.pt or last.pt); one from another folder is refused")
-    p.add_argument("--out", type=_out_file, default=Path("predictions.csv"), help="predictions CSV (must not exist)")
+    p.add_argument("--out", type=out_file_type("predictions.csv"), default=Path("predictions.csv"),
+                   help="predictions CSV (must not exist)")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default: the checkpoint stage's; with "
                                                   "--tta an eighth of it, as each image becomes 8 views; at most "
                                                   "the images read at a time, 512)")

@@ -35,7 +35,8 @@ from train.evaluation import gallery, picks
 from train.evaluation.evaluator import open_run_cache
 from train.evaluation.metrics import predicted_labels
 from train.evaluation.mistakes import eval_views, read_rows
-from train.evaluation.predictor import Entry, PredictError, Predictor, gather, predict_images
+from train.evaluation.predictor import (Entry, PredictError, Predictor, check_out_folder, gather,
+                                        predict_images)
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +233,4 @@ def check_out(out: Path) -> None:
     if os.path.lexists(out):
         raise PredictError(f"{out} already exists; explain never replaces an earlier figure: pass another --out "
                            f"(or move that file away)")
-    folder = out.parent
-    if not folder.is_dir():
-        raise PredictError(f"cannot write {out}: folder {folder} does not exist; create it or pass another --out")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PredictError(f"cannot write {out}: folder {folder} is not writable; pass --out in a writable folder")
+    check_out_folder(out)

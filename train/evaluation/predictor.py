@@ -5,6 +5,7 @@ folder may be gone), then the evaluation's centre crop and normalisation, at the
 the per-image and per-patient tables are written atomically, never over an earlier file."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -296,6 +297,28 @@ def companions(out: Path) -> tuple[Path, Path]:
     return out.with_name(f"{out.stem}_patients.csv"), out.with_name(f"{out.stem}_skipped.csv")
 
 
+def out_file_type(example: str):
+    """The argparse type of an --out that names a file, `example` the name suggested inside a folder given instead
+    (its suffix names the format): `dir/` or an existing folder would otherwise become a file named like the folder."""
+    kind = Path(example).suffix.lstrip(".").upper()
+
+    def out_file(text: str) -> Path:
+        if text.endswith(("/", os.sep)) or Path(text).is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a folder; --out takes a {kind} file name, e.g. "
+                                             f"{Path(text) / example}")
+        return Path(text)
+    return out_file
+
+
+def check_out_folder(out: Path) -> None:
+    """PredictError unless `out`'s folder exists and is writable."""
+    folder = out.parent
+    if not folder.is_dir():
+        raise PredictError(f"cannot write {out}: folder {folder} does not exist; create it or pass another --out")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PredictError(f"cannot write {out}: folder {folder} is not writable; pass --out in a writable folder")
+
+
 def check_out(out: Path) -> None:
     """PredictError unless every file this command may write is new and its folder writable (checked before any
     image is read, so no work is lost to it)."""
@@ -303,13 +326,9 @@ def check_out(out: Path) -> None:
         if os.path.lexists(path):
             raise PredictError(f"{path} already exists; predict never replaces an earlier prediction: pass another "
                                f"--out (or move that file away)")
-    folder = out.parent
-    if os.path.lexists(folder) and not folder.is_dir():
-        raise PredictError(f"cannot write {out}: {folder} is a file, not a folder; pass another --out")
-    if not folder.is_dir():
-        raise PredictError(f"cannot write {out}: folder {folder} does not exist; create it or pass another --out")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PredictError(f"cannot write {out}: folder {folder} is not writable; pass --out in a writable folder")
+    if os.path.lexists(out.parent) and not out.parent.is_dir():
+        raise PredictError(f"cannot write {out}: {out.parent} is a file, not a folder; pass another --out")
+    check_out_folder(out)
 
 
 def _natural(patient: str):
