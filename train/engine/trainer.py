@@ -31,7 +31,6 @@ from train.augment import GpuAugment
 from train.engine.config import TrainConfig, compile_mode_options, uses_cuda_graphs
 from train.engine.distributed import Dist
 from train.engine.ema import ModelEma
-from train.engine.estimate import estimate_seconds  # noqa: F401 (re-exported: where callers import it)
 from train.engine.graph_skips import cudagraph_skips, warn_cuda_graph_skips
 from train.data.loader import loader_for
 from train.data.seeds import augment_generator

@@ -22,7 +22,8 @@ from train.engine.config import COMPILE_MODES, PRESETS, Stage, TrainConfig, chec
 from train.engine.distributed import Dist, resolve_device
 from train.evaluation.evaluator import evaluate_run, open_run_cache
 from train.experiment import resume
-from train.engine.trainer import Trainer, TrainingDiverged, estimate_seconds
+from train.engine.estimate import estimate_seconds
+from train.engine.trainer import Trainer, TrainingDiverged
 
 log = logging.getLogger(__name__)
 CPU_RECIPE_LIMIT_S = 3600  # a full recipe estimated past this on a CPU stops with a suggestion instead
