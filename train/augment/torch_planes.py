@@ -15,7 +15,7 @@ the slot before (the grey level) and reduces over the image, so it writes the in
     stacked (B, 3, H, W) image (max/min over channels, a gather by the argmax) and splitting the planes for it
     broke the loop in pieces.
 Measured with Inductor's generated code for the CPU (torch 2.14, one thread; `python -m train.bench kernels`,
-README): the eager formulation compiles to 19 kernels, this one to 7, and runs 2-2.6x faster per image at
+README): the eager formulation compiles to 19 kernels, this one to 7, and runs 2.8-4x faster per image at
 224 px. Eager, this formulation is the slower one (several times the aten ops, each a launch on a GPU), so
 `GpuAugment` runs it only compiled (`GpuAugment.compile`).
 """
